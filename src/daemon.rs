@@ -1,0 +1,171 @@
+//! Assembly and lifecycle of the running daemon.
+//!
+//! Start: build the components, bind the listener, flip readiness. Stop (SIGTERM/SIGINT):
+//! readiness -> draining, the listener stops accepting and in-flight requests finish, events
+//! still waiting for their sessions are stamped with what is known, the spool closes, and
+//! delivery drains it within `server.shutdown_timeout`; what it could not deliver by then is
+//! logged. Background tasks stop through one broadcast channel (as in mini-redis).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+use crate::config::Loaded;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::server::{AppState, Phase, Readiness, router};
+use crate::sessions::Registry;
+use crate::spool::Spool;
+use crate::upstream::{Settings, Upstream};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The spool directory could not be created.
+    #[error("cannot create spool directory {dir}: {source}")]
+    SpoolDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// The server failed while running.
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs the daemon until `stop` resolves (normally a signal), then drains and returns.
+pub async fn run(
+    loaded: Loaded,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let cfg = &loaded.config;
+    let readiness = Arc::new(Readiness::default());
+    readiness.set(Phase::Starting);
+    std::fs::create_dir_all(&cfg.spool.dir).map_err(|source| DaemonError::SpoolDir {
+        dir: cfg.spool.dir.clone(),
+        source,
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let sessions = Arc::new(Registry::new(
+        cfg.sessions.idle_ttl.get(),
+        cfg.sessions.ended_grace.get(),
+    ));
+    let spool = Arc::new(Spool::new(cfg.spool.max_bytes.get()));
+    let pipeline = Arc::new(Pipeline::new(
+        Arc::clone(&sessions),
+        Arc::clone(&spool),
+        Arc::clone(&metrics),
+        loaded.static_tags.clone(),
+        cfg.sessions.unknown_session_wait.get(),
+    ));
+    let settings = Settings::from_config(
+        &cfg.upstream,
+        loaded.secrets.upstream_api_key.clone(),
+        &cfg.spool.dir,
+    );
+    let upstream = Arc::new(Upstream::new(
+        settings,
+        Arc::clone(&spool),
+        Arc::clone(&metrics),
+    )?);
+
+    let (shutdown_tx, _) = broadcast::channel::<()>(1);
+    let expiry = tokio::spawn(Arc::clone(&sessions).run_expiry(shutdown_tx.subscribe()));
+    let parked = tokio::spawn(Arc::clone(&pipeline).run_parked(shutdown_tx.subscribe()));
+    let delivery = tokio::spawn(Arc::clone(&upstream).run());
+
+    let listener = TcpListener::bind(cfg.server.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: cfg.server.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(DaemonError::Serve)?;
+    let state = AppState {
+        pipeline: Arc::clone(&pipeline),
+        readiness: Arc::clone(&readiness),
+        token: loaded.secrets.server_token.as_deref().map(Arc::from),
+    };
+    let max_body = usize::try_from(cfg.server.max_body_bytes.get()).unwrap_or(usize::MAX);
+    let app = router(state, max_body);
+    readiness.set(Phase::Ready);
+    tracing::info!(listen = %local, upstream = %cfg.upstream.url, spool = %cfg.spool.dir.display(),
+        "voicetagd is ready");
+
+    let drain_started = Arc::new(tokio::sync::Notify::new());
+    let notify = Arc::clone(&drain_started);
+    let ready = Arc::clone(&readiness);
+    let graceful = async move {
+        stop.await;
+        ready.set(Phase::Draining);
+        tracing::info!("shutdown requested; no longer accepting, draining the queue");
+        notify.notify_one();
+    };
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(graceful)
+        .await;
+    let deadline = tokio::time::Instant::now() + cfg.server.shutdown_timeout.get();
+    let _ = shutdown_tx.send(());
+    let _ = expiry.await;
+    let _ = parked.await;
+    pipeline.release_all().await;
+    spool.close();
+    let abort = delivery.abort_handle();
+    match tokio::time::timeout_at(deadline, delivery).await {
+        Ok(_) => tracing::info!("queue drained; exiting"),
+        Err(_) => {
+            abort.abort();
+            let left = spool.depth();
+            tracing::error!(
+                events = left.events,
+                bytes = left.bytes,
+                timeout_ms = cfg.server.shutdown_timeout.get().as_millis() as u64,
+                "shutdown_timeout reached before the queue drained; undelivered events are abandoned"
+            );
+        }
+    }
+    served.map_err(DaemonError::Serve)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        match (term, int) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A small delay used by tests and callers that need the clock to move; kept here so the
+/// lifecycle's timing knobs live in one module.
+pub const POLL: Duration = Duration::from_millis(20);

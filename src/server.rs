@@ -1,0 +1,188 @@
+//! The one HTTP listener: ingest APIs, health, readiness and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::ingest::{Ingest, IngestError, paygent};
+use crate::pipeline::Pipeline;
+
+/// Lifecycle phase, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Recovering state, not yet listening.
+    Starting = 0,
+    /// Serving.
+    Ready = 1,
+    /// Shutting down: draining the queue.
+    Draining = 2,
+}
+
+/// A readiness latch (as in linkerd2-proxy): flips to ready once every component started and
+/// to draining at shutdown; never back.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicU8);
+
+impl Readiness {
+    /// Sets the phase.
+    pub fn set(&self, p: Phase) {
+        self.0.store(p as u8, Ordering::SeqCst);
+    }
+
+    /// The phase.
+    pub fn get(&self) -> Phase {
+        match self.0.load(Ordering::SeqCst) {
+            1 => Phase::Ready,
+            2 => Phase::Draining,
+            _ => Phase::Starting,
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Stamping and queueing.
+    pub pipeline: Arc<Pipeline>,
+    /// Lifecycle phase.
+    pub readiness: Arc<Readiness>,
+    /// `[server] token`, if set.
+    pub token: Option<Arc<str>>,
+}
+
+/// Builds the router.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let ingest = Ingest {
+        pipeline: Arc::clone(&state.pipeline),
+    };
+    let api = paygent::routes()
+        .with_state(ingest)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .merge(api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// Compares in constant time, so the token cannot be guessed byte by byte from timings.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Accepts `Authorization: Bearer <token>` or `paygent-api-key: <token>` when a token is set.
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(token) = state.token.as_deref() else {
+        return next.run(req).await;
+    };
+    let h = req.headers();
+    let bearer = h
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let key = h.get("paygent-api-key").and_then(|v| v.to_str().ok());
+    let ok = [bearer, key]
+        .into_iter()
+        .flatten()
+        .any(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        IngestError::Unauthorized(
+            "missing or wrong token: send Authorization: Bearer <token> or paygent-api-key".into(),
+        )
+        .into_response()
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let phase = state.readiness.get();
+    let full = state.pipeline.spool().is_full();
+    let (status, why) = match (phase, full) {
+        (Phase::Starting, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        (Phase::Draining, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (Phase::Ready, true) => (StatusCode::SERVICE_UNAVAILABLE, "spool full"),
+        (Phase::Ready, false) => (StatusCode::OK, "ready"),
+    };
+    (status, Json(json!({ "status": why }))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let p = &state.pipeline;
+    let depth = p.spool().depth();
+    let text = p.metrics().render(&[
+        (
+            "voicetagd_sessions_active",
+            "Active sessions.",
+            p.sessions().active_count() as f64,
+        ),
+        (
+            "voicetagd_spool_events",
+            "Accepted events not yet delivered.",
+            depth.events as f64,
+        ),
+        (
+            "voicetagd_spool_bytes",
+            "Bytes of accepted events not yet delivered.",
+            depth.bytes as f64,
+        ),
+        (
+            "voicetagd_parked_events",
+            "Events waiting for their session to start.",
+            p.parked_count() as f64,
+        ),
+        (
+            "voicetagd_ready",
+            "1 when /readyz answers 200.",
+            (state.readiness.get() == Phase::Ready) as u8 as f64,
+        ),
+    ]);
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(
+            json!({ "error": format!("no such endpoint: {} {}", req.method(), req.uri().path()) }),
+        ),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
