@@ -78,6 +78,9 @@ struct State {
     bytes: u64,
     /// Committed ranges not yet at the head: start -> end.
     committed: BTreeMap<u64, u64>,
+    /// An append was refused for space and no space was freed since: readiness reports full
+    /// even when a smaller record would still fit.
+    refused: bool,
     closed: bool,
 }
 
@@ -109,6 +112,7 @@ impl Spool {
                 read: 0,
                 bytes: 0,
                 committed: BTreeMap::new(),
+                refused: false,
                 closed: false,
             }),
             readable: Notify::new(),
@@ -144,6 +148,7 @@ impl Spool {
                 return Err(SpoolError::Closed);
             }
             if check_space && st.bytes + add > self.max_bytes {
+                st.refused = true;
                 return Err(SpoolError::Full {
                     used: st.bytes,
                     max: self.max_bytes,
@@ -162,7 +167,8 @@ impl Spool {
 
     /// Whether ingest would be refused for space right now.
     pub fn is_full(&self) -> bool {
-        self.state().bytes >= self.max_bytes
+        let st = self.state();
+        st.refused || st.bytes >= self.max_bytes
     }
 
     /// Uncommitted records and bytes.
@@ -254,6 +260,7 @@ impl Spool {
             let freed: u64 = st.entries.drain(..n).map(|e| e.record.len() as u64).sum();
             st.bytes -= freed;
             st.head = end;
+            st.refused = false;
         }
     }
 }
