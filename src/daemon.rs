@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::server::{AppState, Phase, Readiness, router};
 use crate::sessions::Registry;
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolError};
 use crate::upstream::{Settings, Upstream};
 
 /// Why the daemon could not run.
@@ -42,6 +42,9 @@ pub enum DaemonError {
     /// The HTTP client could not be built.
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// The spool could not be opened.
+    #[error("cannot open the spool: {0}")]
+    Spool(SpoolError),
     /// The server failed while running.
     #[error("server error: {0}")]
     Serve(std::io::Error),
@@ -64,7 +67,26 @@ pub async fn run(
         cfg.sessions.idle_ttl.get(),
         cfg.sessions.ended_grace.get(),
     ));
-    let spool = Arc::new(Spool::new(cfg.spool.max_bytes.get()));
+    let (dir, max, fsync) = (
+        cfg.spool.dir.clone(),
+        cfg.spool.max_bytes.get(),
+        cfg.spool.fsync,
+    );
+    let started = std::time::Instant::now();
+    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&dir, max, fsync))
+        .await
+        .map_err(|e| DaemonError::Spool(SpoolError::Io(e.to_string())))?
+        .map_err(DaemonError::Spool)?;
+    tracing::info!(
+        events = recovery.events,
+        bytes = recovery.bytes,
+        segments = recovery.segments,
+        corrupt = recovery.corrupt,
+        torn_bytes = recovery.torn_bytes,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "spool recovered"
+    );
+    let spool = Arc::new(spool);
     let pipeline = Arc::new(Pipeline::new(
         Arc::clone(&sessions),
         Arc::clone(&spool),
@@ -84,7 +106,15 @@ pub async fn run(
     )?);
 
     let (shutdown_tx, _) = broadcast::channel::<()>(1);
-    let expiry = tokio::spawn(Arc::clone(&sessions).run_expiry(shutdown_tx.subscribe()));
+    if recovery.corrupt > 0 {
+        metrics.add(
+            "voicetagd_spool_corrupt_records_total",
+            &[],
+            recovery.corrupt,
+        );
+    }
+    pipeline.restore(&recovery.state).await;
+    let expiry = tokio::spawn(Arc::clone(&pipeline).run_expiry(shutdown_tx.subscribe()));
     let parked = tokio::spawn(Arc::clone(&pipeline).run_parked(shutdown_tx.subscribe()));
     let delivery = tokio::spawn(Arc::clone(&upstream).run());
 
@@ -134,10 +164,11 @@ pub async fn run(
                 events = left.events,
                 bytes = left.bytes,
                 timeout_ms = cfg.server.shutdown_timeout.get().as_millis() as u64,
-                "shutdown_timeout reached before the queue drained; undelivered events are abandoned"
+                "shutdown_timeout reached before the queue drained; the rest stays in the spool for the next start"
             );
         }
     }
+    spool.shutdown();
     served.map_err(DaemonError::Serve)
 }
 

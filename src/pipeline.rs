@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
-use crate::sessions::{Registry, Session, Start};
-use crate::spool::{Spool, SpoolError};
+use crate::sessions::{Change, Registry, Session, Start};
+use crate::spool::{Space, Spool, SpoolError, StateOp};
 use crate::tags::{self, Skipped, Tags};
 
 /// Most events parked at once, waiting for their sessions. Beyond it ingest answers `503`
@@ -174,7 +174,7 @@ impl Pipeline {
     }
 
     /// Accepts events: stamps those whose session is known, parks the others. Returns once all
-    /// are accepted (or none are).
+    /// are durably accepted (or none are).
     pub async fn accept(&self, events: Vec<Event>) -> Result<(), AcceptError> {
         let mut ready = Vec::with_capacity(events.len());
         let mut waiting = Vec::new();
@@ -187,16 +187,20 @@ impl Pipeline {
                 },
             }
         }
+        let mut park_ops = Vec::with_capacity(waiting.len());
         if !waiting.is_empty() {
             let parked = self.parked().count;
             if parked + waiting.len() > MAX_PARKED {
                 return Err(AcceptError::TooManyParked(parked));
             }
+            for e in &waiting {
+                park_ops.push(StateOp::Put(parked_key(&e.id), serde_json::to_vec(e)?));
+            }
         }
-        // Queue the ready events first: if the spool refuses them, nothing of this call was
-        // accepted and the client may simply retry.
+        // One durable write for the ready events and the waiting ones (as state, so a restart
+        // still holds them). If the spool refuses, nothing of this call was accepted.
         let records = self.encode(&ready)?;
-        self.spool.append(records).await?;
+        self.spool.write(records, park_ops, Space::Check).await?;
         self.count_received(&ready);
         if waiting.is_empty() {
             return Ok(());
@@ -215,11 +219,7 @@ impl Pipeline {
                     continue;
                 }
                 tracing::debug!(session_id = %sid, event_id = %e.id, "event waits for its session to start");
-                let n = p.next;
-                p.next += 1;
-                p.deadlines.insert((deadline, n), sid.clone());
-                p.by_session.entry(sid).or_default().push((deadline, e));
-                p.count += 1;
+                p.park(sid, deadline, e);
             }
             earliest.is_none_or(|t| deadline < t)
         };
@@ -227,16 +227,18 @@ impl Pipeline {
             self.parked_wake.notify_one();
         }
         if !late.is_empty() {
-            // Already accepted as part of this call: never refused for space.
-            let records = self.encode(&late)?;
-            self.spool.append_accepted(records).await?;
-            self.count_received(&late);
+            self.queue_released(late).await;
         }
         Ok(())
     }
 
-    /// Starts a session and releases the events that waited for it.
-    pub async fn start_session(&self, id: &str, start: Start, source: Source) {
+    /// Starts a session (durably) and releases the events that waited for it.
+    pub async fn start_session(
+        &self,
+        id: &str,
+        start: Start,
+        source: Source,
+    ) -> Result<(), AcceptError> {
         self.sessions.start(id, start, source);
         let waiting: Vec<Event> = {
             let mut p = self.parked();
@@ -244,18 +246,57 @@ impl Pipeline {
             p.count -= list.len();
             list.into_iter().map(|(_, e)| e).collect()
         };
+        // The released events were accepted long ago: queue them whatever happens to the
+        // session write (queue_released retries until it works).
         if !waiting.is_empty() {
-            self.release(waiting).await;
+            let released = self.stamp_released(waiting);
+            self.queue_released(released).await;
+        }
+        // A failed write answers 503 and the client retries the start; the registry already
+        // holds it, which is harmless.
+        self.spool
+            .write(Vec::new(), self.session_op(id), Space::Accepted)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a session (its late events keep its tags for `ended_grace`), durably.
+    pub async fn end_session(&self, id: &str) -> Result<Option<Session>, AcceptError> {
+        let ended = self.sessions.end(id);
+        if ended.is_some() {
+            self.spool
+                .write(Vec::new(), self.session_op(id), Space::Accepted)
+                .await?;
+        }
+        Ok(ended)
+    }
+
+    /// Sets a session's indicator, durably.
+    pub async fn set_indicator(&self, id: &str, indicator: &str) -> Result<(), AcceptError> {
+        if self.sessions.set_indicator(id, indicator) {
+            self.spool
+                .write(Vec::new(), self.session_op(id), Space::Accepted)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The state operation that records a session as it is now (or its removal).
+    fn session_op(&self, id: &str) -> Vec<StateOp> {
+        match self.sessions.get(id) {
+            Some(s) => match serde_json::to_vec(&s) {
+                Ok(v) => vec![StateOp::Put(session_key(id), v)],
+                Err(e) => {
+                    tracing::error!(session_id = %id, error = %e, "cannot encode session state");
+                    Vec::new()
+                }
+            },
+            None => vec![StateOp::Delete(session_key(id))],
         }
     }
 
-    /// Ends a session (its late events keep its tags for `ended_grace`).
-    pub fn end_session(&self, id: &str) -> Option<Session> {
-        self.sessions.end(id)
-    }
-
-    /// Stamps released events (with their session if it exists now) and queues them.
-    async fn release(&self, events: Vec<Event>) {
+    /// Stamps released events with their session if it exists now, else static tags only.
+    fn stamp_released(&self, events: Vec<Event>) -> Vec<Event> {
         let mut out = Vec::with_capacity(events.len());
         for e in events {
             let st = e.session_id.as_deref().and_then(|s| self.sessions.stamp(s));
@@ -272,19 +313,40 @@ impl Pipeline {
             }
             out.push(self.stamp(e, st.as_ref()));
         }
-        match self.encode(&out) {
-            Ok(records) => {
-                // Never refused for space (append_accepted); Closed cannot happen either.
-                if let Err(err) = self.spool.append_accepted(records).await {
-                    tracing::error!(error = %err, events = out.len(), "released events could not be queued");
-                    return;
-                }
-                self.count_received(&out);
-            }
+        out
+    }
+
+    /// Queues events that were already accepted (parked, now released): appended and their
+    /// parked copies deleted in one write, never refused for space. A write error (disk) keeps
+    /// the parked copies, so a restart releases them again; it is retried until it works.
+    async fn queue_released(&self, released: Vec<Event>) {
+        let records = match self.encode(&released) {
+            Ok(r) => r,
             Err(err) => {
                 tracing::error!(error = %err, "released events could not be encoded");
+                return;
+            }
+        };
+        let ops: Vec<StateOp> = released
+            .iter()
+            .map(|e| StateOp::Delete(parked_key(&e.id)))
+            .collect();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self
+                .spool
+                .write(records.clone(), ops.clone(), Space::Accepted)
+                .await
+            {
+                Ok(()) => break,
+                Err(err) => {
+                    tracing::error!(error = %err, events = released.len(), "released events could not be queued; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
             }
         }
+        self.count_received(&released);
     }
 
     /// Releases every parked event whose deadline passed; returns the next deadline.
@@ -312,7 +374,8 @@ impl Pipeline {
             due
         };
         if !due.is_empty() {
-            self.release(due).await;
+            let released = self.stamp_released(due);
+            self.queue_released(released).await;
         }
         self.parked().deadlines.first_key_value().map(|(k, _)| k.0)
     }
@@ -329,13 +392,63 @@ impl Pipeline {
                 .collect()
         };
         if !all.is_empty() {
-            self.release(all).await;
+            let released = self.stamp_released(all);
+            self.queue_released(released).await;
         }
     }
 
     /// Number of parked events.
     pub fn parked_count(&self) -> usize {
         self.parked().count
+    }
+
+    /// Restores sessions and parked events from the spool's state after a restart. Parked
+    /// events wait again (a full `unknown_session_wait` from now) unless their session is known.
+    pub async fn restore(&self, state: &HashMap<String, Vec<u8>>) {
+        let mut sessions = 0;
+        let mut parked = Vec::new();
+        for (k, v) in state {
+            if let Some(id) = k.strip_prefix(SESSION_PREFIX) {
+                match serde_json::from_slice::<Session>(v) {
+                    Ok(s) => {
+                        self.sessions.restore(s);
+                        sessions += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(session_id = %id, error = %e, "ignoring unreadable saved session")
+                    }
+                }
+            } else if k.starts_with(PARKED_PREFIX) {
+                match serde_json::from_slice::<Event>(v) {
+                    Ok(e) => parked.push(e),
+                    Err(err) => {
+                        tracing::warn!(key = %k, error = %err, "ignoring unreadable saved event")
+                    }
+                }
+            }
+        }
+        // Keep arrival order: ids are UUIDv7, ordered by creation time.
+        parked.sort_by(|a, b| a.id.cmp(&b.id));
+        let n = parked.len();
+        let mut late = Vec::new();
+        {
+            let mut p = self.parked();
+            let deadline = Instant::now() + self.wait;
+            for e in parked {
+                let sid = e.session_id.clone().unwrap_or_default();
+                if self.sessions.contains(&sid) {
+                    late.push(e);
+                } else {
+                    p.park(sid, deadline, e);
+                }
+            }
+        }
+        self.parked_wake.notify_one();
+        if !late.is_empty() {
+            let released = self.stamp_released(late);
+            self.queue_released(released).await;
+        }
+        tracing::info!(sessions, parked = n, "restored session state");
     }
 
     /// Runs the parked-event timer until `shutdown` fires.
@@ -358,6 +471,63 @@ impl Pipeline {
             }
         }
     }
+
+    /// Runs session expiry until `shutdown` fires, persisting what it changes.
+    pub async fn run_expiry(self: Arc<Self>, mut shutdown: tokio::sync::broadcast::Receiver<()>) {
+        loop {
+            let (next, changes) = self.sessions.purge_expired(Instant::now());
+            if !changes.is_empty() {
+                let ops: Vec<StateOp> = changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        Change::Ended(s) => serde_json::to_vec(s)
+                            .ok()
+                            .map(|v| StateOp::Put(session_key(&s.session_id), v)),
+                        Change::Removed(id) => Some(StateOp::Delete(session_key(id))),
+                    })
+                    .collect();
+                if let Err(e) = self.spool.write(Vec::new(), ops, Space::Accepted).await {
+                    // Losing this only means a restart brings back a session that had expired.
+                    tracing::warn!(error = %e, "cannot persist session expiry");
+                }
+            }
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // The earliest deadline passed.
+                _ = sleep => {}
+                // An earlier deadline was scheduled than the one we sleep for.
+                _ = self.sessions.wake().notified() => {}
+                // The daemon is stopping.
+                _ = shutdown.recv() => return,
+            }
+        }
+    }
+}
+
+const SESSION_PREFIX: &str = "s/";
+const PARKED_PREFIX: &str = "p/";
+
+fn session_key(id: &str) -> String {
+    format!("{SESSION_PREFIX}{id}")
+}
+
+fn parked_key(event_id: &str) -> String {
+    format!("{PARKED_PREFIX}{event_id}")
+}
+
+impl Parked {
+    fn park(&mut self, sid: String, deadline: Instant, e: Event) {
+        let n = self.next;
+        self.next += 1;
+        self.deadlines.insert((deadline, n), sid.clone());
+        self.by_session.entry(sid).or_default().push((deadline, e));
+        self.count += 1;
+    }
 }
 
 #[cfg(test)]
@@ -372,7 +542,13 @@ mod tests {
             Duration::from_secs(3600),
             Duration::from_secs(600),
         ));
-        let spool = Arc::new(Spool::new(1 << 20));
+        // The directory is leaked on purpose: the spool's writer thread outlives the test body.
+        let dir = tempfile::tempdir().unwrap().keep();
+        let spool = Arc::new(
+            Spool::open(&dir, 1 << 20, crate::config::FsyncPolicy::Never)
+                .unwrap()
+                .0,
+        );
         let stat: Tags = [
             ("host".to_string(), "h1".to_string()),
             ("env".to_string(), "static".to_string()),
@@ -409,7 +585,7 @@ mod tests {
             for r in &b.records {
                 out.push(serde_json::from_slice(r).unwrap());
             }
-            spool.commit(b.seqs);
+            spool.commit(&b.ack);
         }
         out
     }
@@ -434,7 +610,8 @@ mod tests {
             start(&[("env", "session"), ("team", "a")]),
             Source::Api,
         )
-        .await;
+        .await
+        .unwrap();
         let mut e = ev("s1");
         e.meta_tags.insert("team".into(), "event".into());
         p.accept(vec![e]).await.unwrap();
@@ -455,7 +632,8 @@ mod tests {
         assert_eq!(p.parked_count(), 1);
         assert_eq!(spool.depth().events, 0);
         p.start_session("late", start(&[("env", "s")]), Source::Api)
-            .await;
+            .await
+            .unwrap();
         assert_eq!(p.parked_count(), 0);
         let out = drain(&spool).await;
         assert_eq!(out[0].meta_tags.get("env").unwrap(), "s");

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -24,7 +24,7 @@ use crate::event::{Source, Timestamp};
 use crate::tags::Tags;
 
 /// Whether a session is still running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Started and not ended.
@@ -46,8 +46,8 @@ pub struct Start {
     pub tags: Tags,
 }
 
-/// A session as `GET /v1/sessions` shows it (CONTRACT §7).
-#[derive(Debug, Clone, Serialize)]
+/// A session as `GET /v1/sessions` shows it (CONTRACT §7), and as the spool persists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Session {
     /// The id.
     pub session_id: String,
@@ -71,7 +71,7 @@ pub struct Session {
     pub ended_at: Option<Timestamp>,
     /// Events stamped with it.
     pub events: u64,
-    #[serde(skip)]
+    #[serde(skip, default = "Instant::now")]
     last_seen: Instant,
     #[serde(skip)]
     ended: Option<Instant>,
@@ -212,9 +212,14 @@ impl Registry {
     }
 
     /// Sets the session's indicator (Paygent's set-voice-indicator names it).
-    pub fn set_indicator(&self, id: &str, indicator: &str) {
-        if let Some(mut s) = self.map.get_mut(id) {
-            s.indicator = Some(indicator.to_string());
+    /// Returns whether the session exists (and so changed).
+    pub fn set_indicator(&self, id: &str, indicator: &str) -> bool {
+        match self.map.get_mut(id) {
+            Some(mut s) => {
+                s.indicator = Some(indicator.to_string());
+                true
+            }
+            None => false,
         }
     }
 
@@ -245,17 +250,22 @@ impl Registry {
         self.map.iter().filter(|s| s.state == State::Active).count()
     }
 
-    /// Applies every deadline that has passed; returns the earliest one still pending.
-    pub fn purge_expired(&self, now: Instant) -> Option<Instant> {
+    /// Applies every deadline that has passed; returns the earliest one still pending and
+    /// what changed (so the caller can persist it).
+    pub fn purge_expired(&self, now: Instant) -> (Option<Instant>, Vec<Change>) {
+        let mut changes = Vec::new();
         loop {
             let (at, id) = {
                 let mut exp = self.expirations();
                 match exp.first() {
                     Some((at, _)) if *at <= now => {}
-                    Some((at, _)) => return Some(*at),
-                    None => return None,
+                    Some((at, _)) => return (Some(*at), changes),
+                    None => return (None, changes),
                 }
-                exp.pop_first()?
+                match exp.pop_first() {
+                    Some(e) => e,
+                    None => return (None, changes),
+                }
             };
             let _ = at;
             let mut requeue = None;
@@ -270,6 +280,7 @@ impl Registry {
                             s.ended_at = Some(Timestamp::now());
                             s.ended = Some(now);
                             requeue = Some(now + self.ended_grace);
+                            changes.push(Change::Ended(s.clone()));
                         } else {
                             requeue = Some(due);
                         }
@@ -288,9 +299,12 @@ impl Registry {
             if remove {
                 // Re-check under the shard lock: the session may have been restarted between
                 // the read above and now.
-                self.map.remove_if(&id, |_, s| {
+                let removed = self.map.remove_if(&id, |_, s| {
                     s.state == State::Ended && s.ended.is_some_and(|e| e + self.ended_grace <= now)
                 });
+                if removed.is_some() {
+                    changes.push(Change::Removed(id.clone()));
+                }
             }
             if let Some(at) = requeue {
                 self.expirations().insert((at, id));
@@ -298,26 +312,36 @@ impl Registry {
         }
     }
 
-    /// Runs expiry until `shutdown` fires.
-    pub async fn run_expiry(self: Arc<Self>, mut shutdown: tokio::sync::broadcast::Receiver<()>) {
-        loop {
-            let next = self.purge_expired(Instant::now());
-            let sleep = async {
-                match next {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                // The earliest deadline passed.
-                _ = sleep => {}
-                // An earlier deadline was scheduled than the one we sleep for.
-                _ = self.wake.notified() => {}
-                // The daemon is stopping.
-                _ = shutdown.recv() => return,
-            }
-        }
+    /// Notified when a deadline earlier than all others is scheduled.
+    pub fn wake(&self) -> &Notify {
+        &self.wake
     }
+
+    /// Puts back a session recovered from the spool after a restart. Its idle and grace
+    /// timers start again from now.
+    pub fn restore(&self, mut s: Session) {
+        let now = Instant::now();
+        s.last_seen = now;
+        let at = match s.state {
+            State::Active => now + self.idle_ttl,
+            State::Ended => {
+                s.ended = Some(now);
+                now + self.ended_grace
+            }
+        };
+        let id = s.session_id.clone();
+        self.map.insert(id.clone(), s);
+        self.schedule(at, &id);
+    }
+}
+
+/// A change made by expiry.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The session ended after `idle_ttl` without activity.
+    Ended(Session),
+    /// The session was forgotten after `ended_grace`.
+    Removed(String),
 }
 
 #[cfg(test)]

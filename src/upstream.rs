@@ -229,7 +229,7 @@ impl Upstream {
                     tracing::debug!(batch_id, events = n, "batch delivered");
                     self.metrics.add("voicetagd_events_delivered_total", &[], n);
                     self.metrics.inc("voicetagd_batches_delivered_total", &[]);
-                    self.spool.commit(batch.seqs);
+                    self.spool.commit(&batch.ack);
                     return;
                 }
                 Err(DeliveryError::Rejected { status, body: text }) => {
@@ -239,7 +239,7 @@ impl Upstream {
                         .await;
                     self.metrics
                         .add("voicetagd_events_dead_lettered_total", &[], n);
-                    self.spool.commit(batch.seqs);
+                    self.spool.commit(&batch.ack);
                     return;
                 }
                 Err(err) => {

@@ -53,9 +53,8 @@ pub enum IngestError {
 impl From<AcceptError> for IngestError {
     fn from(e: AcceptError) -> Self {
         match e {
-            AcceptError::Spool(SpoolError::Full { .. }) | AcceptError::TooManyParked(_) => {
-                IngestError::Full(e.to_string())
-            }
+            AcceptError::Spool(SpoolError::Full { .. } | SpoolError::Io(_))
+            | AcceptError::TooManyParked(_) => IngestError::Full(e.to_string()),
             AcceptError::Spool(SpoolError::Closed) => IngestError::Unavailable(e.to_string()),
             AcceptError::Encode(err) => {
                 tracing::error!(error = %err, "event could not be encoded");

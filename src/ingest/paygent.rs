@@ -165,7 +165,7 @@ async fn session(State(ing): State<Ingest>, body: Result<Bytes, BytesRejection>)
         indicator: opt(b.indicator),
         tags,
     };
-    ing.pipeline.start_session(&sid, start, Source::Api).await;
+    ing.pipeline.start_session(&sid, start, Source::Api).await?;
     tracing::info!(session_id = %sid, "voice session started");
     Ok(Json(json!({ "ok": true, "sessionId": sid })))
 }
@@ -332,7 +332,7 @@ async fn indicator(State(ing): State<Ingest>, body: Result<Bytes, BytesRejection
     let sid = required(P, "sessionId", b.session_id)?;
     let ind = required(P, "indicator", b.indicator)?;
     let minutes = amount(P, "totalDuration", b.total_duration)?;
-    ing.pipeline.sessions().set_indicator(&sid, &ind);
+    ing.pipeline.set_indicator(&sid, &ind).await?;
     let usage = json!({ "indicators": [ind.clone()], "total_duration_minutes": minutes });
     let mut e = voice_event(
         &ing,

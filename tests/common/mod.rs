@@ -104,6 +104,19 @@ async fn ingest(
 impl Upstream {
     /// Starts an upstream that answers the script in order, then 200.
     pub fn start(script: Vec<Answer>) -> Upstream {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), script)
+    }
+
+    /// An address nothing listens on (yet): an upstream that is down.
+    pub fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Starts an upstream on a given address.
+    pub fn start_on(addr: SocketAddr, script: Vec<Answer>) -> Upstream {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -116,9 +129,7 @@ impl Upstream {
         let app = Router::new()
             .route("/v1/events:batch", post(ingest))
             .with_state(state.clone());
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
         rt.spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -325,6 +336,20 @@ impl Daemon {
         let resp = reqwest::blocking::get(self.url(path)).expect("request to daemon");
         let status = resp.status().as_u16();
         (status, resp.text().unwrap_or_default())
+    }
+
+    /// SIGKILL: no drain, no flush; returns the state directory for a restart.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Sends SIGTERM, waits for the exit code, and keeps the state directory for a restart.
+    pub fn terminate_keep(mut self) -> (i32, Vec<String>, tempfile::TempDir) {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let (code, logs) = self.terminate();
+        (code, logs, dir)
     }
 
     /// Sends SIGTERM and waits for the exit code.
