@@ -54,6 +54,11 @@ use crate::config::FsyncPolicy;
 /// delivered data is deleted soon, large enough that the directory stays short.
 pub const SEGMENT_BYTES: u64 = 32 << 20;
 
+/// When delivery has caught up and the active segment holds at least this much, the writer
+/// starts a new segment so the delivered one can be deleted. Small enough to keep an idle
+/// spool small on disk, large enough that a busy one does not create files per batch.
+pub const ROLL_WHEN_CAUGHT_UP: u64 = 1 << 20;
+
 /// The state log is compacted when it is this large and more than twice its live data.
 pub const STATE_COMPACT_BYTES: u64 = 1 << 20;
 
@@ -156,6 +161,10 @@ pub struct Recovery {
 
 struct Seg {
     first_seq: u64,
+    /// Highest sequence number in it, once it holds a record.
+    last_seq: Option<u64>,
+    /// The writer will not append to it again (rolled away, failed, or recovered).
+    sealed: bool,
     path: PathBuf,
     /// Read handle (the writer has its own append handle).
     file: Arc<File>,
@@ -348,6 +357,8 @@ impl Spool {
             let file = File::open(&path).map_err(|e| io_err("opening", &path, e))?;
             segments.push_back(Seg {
                 first_seq,
+                last_seq: max_seq,
+                sealed: true,
                 path,
                 file: Arc::new(file),
                 len: scan.valid_len,
@@ -902,13 +913,27 @@ impl Writer {
                 } else {
                     None
                 };
-                // Segments whose every record is below the head are delivered: delete them
-                // (never the last one, which the writer may still append to).
-                let mut doomed = Vec::new();
-                while st.segments.len() > 1 && st.segments[1].first_seq <= st.head {
-                    if st.cursor.seg_first_seq == st.segments[0].first_seq {
-                        break;
+                // Caught up with a large active segment, or out of space: stop appending to
+                // it so that it can be deleted now that everything in it is delivered (on a
+                // full disk this is what gives space back).
+                let caught_up = st.unacked == 0 && st.pending_count == 0;
+                if caught_up
+                    && (self.active_len >= ROLL_WHEN_CAUGHT_UP || st.refused)
+                    && self.active.is_some()
+                {
+                    self.active = None;
+                    if let Some(seg) = st.segments.back_mut() {
+                        seg.sealed = true;
                     }
+                }
+                // Sealed segments whose every record is below the head are delivered: delete
+                // them. They form a prefix, since the head only moves forward.
+                let mut doomed = Vec::new();
+                while st
+                    .segments
+                    .front()
+                    .is_some_and(|s| s.sealed && s.last_seq.is_none_or(|l| l < st.head))
+                {
                     if let Some(s) = st.segments.pop_front() {
                         doomed.push(s.path);
                     }
@@ -949,6 +974,7 @@ impl Writer {
                         if !events.is_empty() {
                             if let Some(seg) = st.segments.back_mut() {
                                 seg.len = self.active_len;
+                                seg.last_seq = first_seq.map(|f| f + count - 1);
                             }
                             st.durable_bytes += events.len() as u64;
                             st.durable_count += count;
@@ -994,8 +1020,13 @@ impl Writer {
         self.active = Some((first_seq, file));
         self.active_len = 0;
         let mut st = self.shared.lock();
+        if let Some(prev) = st.segments.back_mut() {
+            prev.sealed = true;
+        }
         st.segments.push_back(Seg {
             first_seq,
+            last_seq: None,
+            sealed: false,
             path,
             file: Arc::new(read),
             len: 0,
@@ -1028,8 +1059,12 @@ impl Writer {
             Err(e) => {
                 // Take the partial write back so the file still ends on a frame; if even that
                 // fails, start a new segment next time (recovery skips the damage).
-                if file.set_len(before).is_err() {
-                    self.active = None;
+                let _ = file.set_len(before);
+                // Write to a fresh segment next time: on a full disk this one is then
+                // deletable as soon as its records are delivered.
+                self.active = None;
+                if let Some(seg) = self.shared.lock().segments.back_mut() {
+                    seg.sealed = true;
                 }
                 tracing::error!(path = %path.display(), error = %e, "spool write failed; refusing new events until a write succeeds");
                 Err(io_err("writing", &path, e))
