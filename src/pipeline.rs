@@ -66,6 +66,8 @@ pub struct Pipeline {
     /// A std `Mutex`: held for map operations only, never across an `.await`.
     parked: Mutex<Parked>,
     parked_wake: Notify,
+    /// A std `Mutex`: set operations only, never held across an `.await`.
+    marks: Mutex<Marks>,
     wait: Duration,
 }
 
@@ -85,6 +87,7 @@ impl Pipeline {
             static_tags: RwLock::new(Arc::new(static_tags)),
             parked: Mutex::new(Parked::default()),
             parked_wake: Notify::new(),
+            marks: Mutex::new(Marks::default()),
             wait: unknown_session_wait,
         }
     }
@@ -176,6 +179,52 @@ impl Pipeline {
     /// Accepts events: stamps those whose session is known, parks the others. Returns once all
     /// are durably accepted (or none are).
     pub async fn accept(&self, events: Vec<Event>) -> Result<(), AcceptError> {
+        self.accept_with_state(events, Vec::new()).await
+    }
+
+    /// Whether a delivery mark (see [`Pipeline::accept_marked`]) is remembered.
+    pub fn is_marked(&self, mark: &str) -> bool {
+        self.marks().set.contains(mark)
+    }
+
+    /// Accepts events and durably remembers `mark` with them, atomically: a source whose peer
+    /// redelivers the same message (a Vapi report, say) checks [`Pipeline::is_marked`] first
+    /// and so adds nothing the second time, across restarts too. The newest [`MAX_MARKS`]
+    /// marks are kept.
+    pub async fn accept_marked(&self, events: Vec<Event>, mark: &str) -> Result<(), AcceptError> {
+        let mut ops = vec![StateOp::Put(mark_key(mark), Vec::new())];
+        {
+            let m = self.marks();
+            if m.order.len() >= MAX_MARKS
+                && let Some(old) = m.order.front()
+            {
+                ops.push(StateOp::Delete(mark_key(old)));
+            }
+        }
+        self.accept_with_state(events, ops).await?;
+        let mut m = self.marks();
+        if m.set.insert(mark.to_string()) {
+            m.order.push_back(mark.to_string());
+        }
+        while m.order.len() > MAX_MARKS {
+            if let Some(old) = m.order.pop_front() {
+                m.set.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    fn marks(&self) -> MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts events together with state operations of the source (e.g. a LiveKit session's
+    /// last seq), written in the same durable write.
+    pub async fn accept_with_state(
+        &self,
+        events: Vec<Event>,
+        extra: Vec<StateOp>,
+    ) -> Result<(), AcceptError> {
         let mut ready = Vec::with_capacity(events.len());
         let mut waiting = Vec::new();
         for e in events {
@@ -187,7 +236,7 @@ impl Pipeline {
                 },
             }
         }
-        let mut park_ops = Vec::with_capacity(waiting.len());
+        let mut park_ops = extra;
         if !waiting.is_empty() {
             let parked = self.parked().count;
             if parked + waiting.len() > MAX_PARKED {
@@ -418,6 +467,13 @@ impl Pipeline {
                         tracing::warn!(session_id = %id, error = %e, "ignoring unreadable saved session")
                     }
                 }
+            } else if let Some(mark) = k.strip_prefix(MARK_PREFIX) {
+                // The state map does not keep insertion order, so after a restart the
+                // restored marks are evicted in arbitrary order among themselves.
+                let mut m = self.marks();
+                if m.set.insert(mark.to_string()) {
+                    m.order.push_back(mark.to_string());
+                }
             } else if k.starts_with(PARKED_PREFIX) {
                 match serde_json::from_slice::<Event>(v) {
                     Ok(e) => parked.push(e),
@@ -511,6 +567,21 @@ impl Pipeline {
 
 const SESSION_PREFIX: &str = "s/";
 const PARKED_PREFIX: &str = "p/";
+const MARK_PREFIX: &str = "d/";
+
+/// Delivery marks remembered (about 100 bytes each in memory and in the state log).
+pub const MAX_MARKS: usize = 100_000;
+
+/// Remembered delivery marks, oldest first.
+#[derive(Default)]
+struct Marks {
+    set: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+fn mark_key(mark: &str) -> String {
+    format!("{MARK_PREFIX}{mark}")
+}
 
 fn session_key(id: &str) -> String {
     format!("{SESSION_PREFIX}{id}")
@@ -661,5 +732,44 @@ mod tests {
             ),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn marks_are_remembered_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let reg = Arc::new(Registry::new(
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            ));
+            let spool =
+                Spool::open(dir.path(), 1 << 20, crate::config::FsyncPolicy::Never).unwrap();
+            (
+                Pipeline::new(
+                    reg,
+                    Arc::new(spool.0),
+                    Arc::new(Metrics::new()),
+                    Tags::new(),
+                    Duration::from_secs(1),
+                ),
+                spool.1,
+            )
+        };
+        {
+            let (p, _) = open();
+            assert!(!p.is_marked("call-1/eocr"));
+            p.accept_marked(vec![ev_no_session()], "call-1/eocr")
+                .await
+                .unwrap();
+            assert!(p.is_marked("call-1/eocr"));
+        }
+        let (p, rec) = open();
+        assert!(!p.is_marked("call-1/eocr"));
+        p.restore(&rec.state).await;
+        assert!(p.is_marked("call-1/eocr"));
+    }
+
+    fn ev_no_session() -> Event {
+        Event::new(Kind::Usage, Source::Vapi, json!({}))
     }
 }
