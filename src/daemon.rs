@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 use crate::config::Loaded;
+use crate::ingest::livekit::Livekit;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::server::{AppState, Phase, Readiness, router};
@@ -114,6 +115,15 @@ pub async fn run(
         );
     }
     pipeline.restore(&recovery.state).await;
+    let max_body = usize::try_from(cfg.server.max_body_bytes.get()).unwrap_or(usize::MAX);
+    let livekit = Arc::new(Livekit::new(
+        Arc::clone(&pipeline),
+        &cfg.livekit,
+        loaded.secrets.livekit_api_secret.clone(),
+        max_body,
+    ));
+    livekit.restore(&recovery.state);
+    let lk_sweep = tokio::spawn(Arc::clone(&livekit).run_sweep(shutdown_tx.subscribe()));
     let expiry = tokio::spawn(Arc::clone(&pipeline).run_expiry(shutdown_tx.subscribe()));
     let parked = tokio::spawn(Arc::clone(&pipeline).run_parked(shutdown_tx.subscribe()));
     let delivery = tokio::spawn(Arc::clone(&upstream).run());
@@ -130,8 +140,7 @@ pub async fn run(
         readiness: Arc::clone(&readiness),
         token: loaded.secrets.server_token.as_deref().map(Arc::from),
     };
-    let max_body = usize::try_from(cfg.server.max_body_bytes.get()).unwrap_or(usize::MAX);
-    let app = router(state, max_body);
+    let app = router(state, livekit, max_body);
     readiness.set(Phase::Ready);
     tracing::info!(listen = %local, upstream = %cfg.upstream.url, spool = %cfg.spool.dir.display(),
         "voicetagd is ready");
@@ -152,6 +161,7 @@ pub async fn run(
     let _ = shutdown_tx.send(());
     let _ = expiry.await;
     let _ = parked.await;
+    let _ = lk_sweep.await;
     pipeline.release_all().await;
     spool.close();
     let abort = delivery.abort_handle();

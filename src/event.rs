@@ -86,7 +86,10 @@ impl Timestamp {
         if !secs.is_finite() || !(0.0..=1.0e11).contains(&secs) {
             return None;
         }
-        Some(Timestamp(UNIX_EPOCH + Duration::from_secs_f64(secs)))
+        // Round to the microsecond we print: 1752321602.85 is 1752321602.849999904 as a float.
+        Some(Timestamp(
+            UNIX_EPOCH + Duration::from_micros((secs * 1e6).round() as u64),
+        ))
     }
 
     /// Parses RFC 3339 (e.g. `2026-03-12T17:04:53.497Z`).
@@ -248,5 +251,7 @@ mod tests {
         let t = Timestamp::from_unix_f64(1752321600.25).unwrap();
         assert_eq!(t.to_string(), "2025-07-12T12:00:00.250000Z");
         assert!(Timestamp::from_unix_f64(f64::NAN).is_none());
+        let t = Timestamp::from_unix_f64(1752321602.85).unwrap();
+        assert_eq!(t.to_string(), "2025-07-12T12:00:02.850000Z");
     }
 }

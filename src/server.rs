@@ -11,6 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::ingest::livekit::Livekit;
 use crate::ingest::{Ingest, IngestError, paygent};
 use crate::pipeline::Pipeline;
 
@@ -59,12 +60,16 @@ pub struct AppState {
 }
 
 /// Builds the router.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState, livekit: Arc<Livekit>, max_body_bytes: usize) -> Router {
     let ingest = Ingest {
         pipeline: Arc::clone(&state.pipeline),
     };
+    let (livekit_ws, livekit_webhook) = livekit.routes();
+    // The local API and the agent WebSocket need the server token; webhooks carry their own
+    // authentication (signatures), checked by their handlers.
     let api = paygent::routes()
         .with_state(ingest)
+        .merge(livekit_ws)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -72,6 +77,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(api)
+        .merge(livekit_webhook)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }

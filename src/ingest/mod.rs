@@ -5,6 +5,7 @@
 //! [`IngestError`] is the one place where a failure becomes an HTTP status and a JSON body
 //! `{"error": "..."}`.
 
+pub mod livekit;
 pub mod paygent;
 
 use std::sync::Arc;
