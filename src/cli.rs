@@ -1,4 +1,4 @@
-//! The command line (CONTRACT §1): `run`, `check-config`, `--version`, `--help`.
+//! The command line (CONTRACT §1): `run`, `check-config`, `tail`, `usage`, `--version`, `--help`.
 //! Exit codes: 0 ok, 1 runtime or config error, 64 usage error.
 
 use std::path::PathBuf;
@@ -35,6 +35,38 @@ pub enum Command {
         #[arg(long, short = 'c')]
         config: Option<PathBuf>,
     },
+    /// Print accepted, stamped events as NDJSON while they flow (only those matching the filters).
+    Tail {
+        /// Where the daemon is.
+        #[command(flatten)]
+        remote: Remote,
+        /// Tag filter, e.g. "env:staging, region" (repeat to AND several).
+        #[arg(long, short = 'f')]
+        filter: Vec<String>,
+    },
+    /// Print usage totals since the daemon started, per agent or customer.
+    Usage {
+        /// Where the daemon is.
+        #[command(flatten)]
+        remote: Remote,
+        /// Tag filter, e.g. "env:staging" (repeat to AND several).
+        #[arg(long, short = 'f')]
+        filter: Vec<String>,
+        /// Group by agent or customer.
+        #[arg(long, default_value = "agent", value_parser = ["agent", "customer"])]
+        group_by: String,
+    },
+}
+
+/// Where the daemon is, for the client subcommands.
+#[derive(Debug, clap::Args)]
+pub struct Remote {
+    /// The daemon's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:7878")]
+    url: String,
+    /// The `[server] token`, if the daemon requires one.
+    #[arg(long, env = "VOICETAGD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn config_path(given: Option<PathBuf>) -> PathBuf {
@@ -71,6 +103,12 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Tail { remote, filter } => client(tail(remote, filter)),
+        Command::Usage {
+            remote,
+            filter,
+            group_by,
+        } => client(usage(remote, filter, group_by)),
         Command::Run { config } => {
             let path = config_path(config);
             let loaded = match config::load(&path) {
@@ -91,6 +129,132 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn client(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("voicetagd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("voicetagd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn get(
+    remote: &Remote,
+    path: &str,
+    query: &[(&str, &str)],
+) -> anyhow::Result<reqwest::RequestBuilder> {
+    let mut url = reqwest::Url::parse(&remote.url)?.join(path)?;
+    {
+        let mut q = url.query_pairs_mut();
+        for (k, v) in query {
+            q.append_pair(k, v);
+        }
+    }
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = &remote.token {
+        req = req.bearer_auth(t);
+    }
+    Ok(req)
+}
+
+async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    anyhow::bail!("the daemon answered {status}: {body}")
+}
+
+async fn tail(remote: Remote, filter: Vec<String>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let query: Vec<(&str, &str)> = filter.iter().map(|f| ("filter", f.as_str())).collect();
+    let mut resp = check(get(&remote, "/v1/tap", &query)?.send().await?).await?;
+    let mut pending = Vec::new();
+    let stdout = std::io::stdout();
+    while let Some(chunk) = resp.chunk().await? {
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            if line.starts_with(b"{\"dropped\":") {
+                let n = String::from_utf8_lossy(&line[11..line.len() - 2]).to_string();
+                eprintln!("voicetagd tail: {n} events not shown (this reader was too slow)");
+                continue;
+            }
+            let mut out = stdout.lock();
+            out.write_all(&line)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+async fn usage(remote: Remote, filter: Vec<String>, group_by: String) -> anyhow::Result<()> {
+    let mut query: Vec<(&str, &str)> = filter.iter().map(|f| ("filter", f.as_str())).collect();
+    query.push(("group_by", &group_by));
+    let v: serde_json::Value = check(get(&remote, "/v1/usage", &query)?.send().await?)
+        .await?
+        .json()
+        .await?;
+    let rows = v["usage"].as_array().cloned().unwrap_or_default();
+    let mut table = vec![[
+        group_by.clone(),
+        "events".into(),
+        "stt_min".into(),
+        "session_min".into(),
+        "tokens".into(),
+        "characters".into(),
+        "cost_usd".into(),
+    ]];
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        table.push([
+            r[group_by.as_str()].as_str().unwrap_or("").to_string(),
+            format!("{}", f("events")),
+            format!("{:.2}", f("stt_minutes")),
+            format!("{:.2}", f("session_minutes")),
+            format!("{}", f("tokens")),
+            format!("{}", f("characters")),
+            format!("{:.6}", f("cost_usd")),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in &table {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
 }
 
 fn run(loaded: config::Loaded) -> anyhow::Result<()> {

@@ -22,6 +22,8 @@ pub mod event;
 pub mod filter;
 pub mod ingest;
 pub mod metrics;
+pub mod observe;
+pub mod ops;
 pub mod pipeline;
 pub mod server;
 pub mod sessions;

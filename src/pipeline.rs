@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
+use crate::observe::Observer;
 use crate::sessions::{Change, Registry, Session, Start};
 use crate::spool::{Space, Spool, SpoolError, StateOp};
 use crate::tags::{self, Skipped, Tags};
@@ -68,6 +69,7 @@ pub struct Pipeline {
     parked_wake: Notify,
     /// A std `Mutex`: set operations only, never held across an `.await`.
     marks: Mutex<Marks>,
+    observer: Observer,
     wait: Duration,
 }
 
@@ -88,6 +90,7 @@ impl Pipeline {
             parked: Mutex::new(Parked::default()),
             parked_wake: Notify::new(),
             marks: Mutex::new(Marks::default()),
+            observer: Observer::new(),
             wait: unknown_session_wait,
         }
     }
@@ -113,6 +116,11 @@ impl Pipeline {
     /// The spool.
     pub fn spool(&self) -> &Spool {
         &self.spool
+    }
+
+    /// The tap and usage totals.
+    pub fn observer(&self) -> &Observer {
+        &self.observer
     }
 
     /// The metrics.
@@ -167,7 +175,9 @@ impl Pipeline {
         Ok(out)
     }
 
-    fn count_received(&self, events: &[Event]) {
+    /// Counts accepted, stamped events and shows them to the tap and the usage totals.
+    fn observe(&self, events: &[Event], records: &[Bytes]) {
+        self.observer.accepted(events, records);
         for e in events {
             self.metrics.inc(
                 "voicetagd_events_received_total",
@@ -249,8 +259,10 @@ impl Pipeline {
         // One durable write for the ready events and the waiting ones (as state, so a restart
         // still holds them). If the spool refuses, nothing of this call was accepted.
         let records = self.encode(&ready)?;
-        self.spool.write(records, park_ops, Space::Check).await?;
-        self.count_received(&ready);
+        self.spool
+            .write(records.clone(), park_ops, Space::Check)
+            .await?;
+        self.observe(&ready, &records);
         if waiting.is_empty() {
             return Ok(());
         }
@@ -395,7 +407,7 @@ impl Pipeline {
                 }
             }
         }
-        self.count_received(&released);
+        self.observe(&released, &records);
     }
 
     /// Releases every parked event whose deadline passed; returns the next deadline.

@@ -70,6 +70,7 @@ pub fn router(state: AppState, livekit: Arc<Livekit>, max_body_bytes: usize) -> 
     let api = paygent::routes()
         .with_state(ingest)
         .merge(livekit_ws)
+        .merge(crate::ops::routes(Arc::clone(&state.pipeline)))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))

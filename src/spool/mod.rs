@@ -184,6 +184,8 @@ struct State {
     pending: Vec<u8>,
     pending_state: Vec<u8>,
     pending_state_ops: Vec<StateOp>,
+    /// Sequence number of the next state operation (its own counter, not the events').
+    next_state_seq: u64,
     pending_count: u64,
     pending_first_seq: Option<u64>,
     waiters: Vec<oneshot::Sender<Result<(), SpoolError>>>,
@@ -295,6 +297,7 @@ impl Spool {
             .collect();
         names.sort();
         let mut segments = VecDeque::new();
+        let mut seg_state: Vec<(u64, StateOp)> = Vec::new();
         let mut next_seq = head;
         let mut cursor: Option<Cursor> = None;
         let last = names.len().saturating_sub(1);
@@ -332,6 +335,12 @@ impl Spool {
                 }
                 expect = off + u64::from(len);
                 if kind != frame::kind::EVENT {
+                    // A copy of state operations written with events (see the writer).
+                    let body = &data[off as usize + frame::HEADER + frame::BODY_PREFIX
+                        ..(off + u64::from(len)) as usize];
+                    if let Some(op) = decode_state_op(kind, body) {
+                        seg_state.push((seq, op));
+                    }
                     continue;
                 }
                 max_seq = Some(max_seq.map_or(seq, |m: u64| m.max(seq)));
@@ -365,7 +374,37 @@ impl Spool {
                 skips,
             });
         }
-        rec.state = recover_state(&state_dir.join("state.log"), &mut rec)?;
+        let state_path = state_dir.join("state.log");
+        let (mut state, log_max) = recover_state(&state_path, &mut rec)?;
+        // State operations that reached a segment (with their events) but not the state log
+        // (a crash between the two fsyncs): apply them and make the log whole again.
+        seg_state.sort_by_key(|(n, _)| *n);
+        let missing: Vec<(u64, StateOp)> = seg_state
+            .into_iter()
+            .filter(|(n, _)| log_max.is_none_or(|m| *n > m))
+            .collect();
+        let mut next_state_seq = log_max.map_or(0, |m| m + 1);
+        if !missing.is_empty() {
+            tracing::warn!(
+                ops = missing.len(),
+                "replaying state operations the state log missed"
+            );
+            let mut buf = Vec::new();
+            for (n, op) in &missing {
+                encode_state_op(&mut buf, *n, op);
+                apply_state_op(&mut state, op.clone());
+                next_state_seq = next_state_seq.max(n + 1);
+            }
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&state_path)
+                .map_err(|e| io_err("opening", &state_path, e))?;
+            f.write_all(&buf)
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io_err("writing", &state_path, e))?;
+        }
+        rec.state = state;
         let cursor = cursor.unwrap_or(Cursor {
             seg_first_seq: next_seq,
             offset: 0,
@@ -376,6 +415,7 @@ impl Spool {
                 pending: Vec::new(),
                 pending_state: Vec::new(),
                 pending_state_ops: Vec::new(),
+                next_state_seq,
                 pending_count: 0,
                 pending_first_seq: None,
                 waiters: Vec::new(),
@@ -472,21 +512,9 @@ impl Spool {
                 st.pending_count += 1;
             }
             for op in state {
-                let st = &mut *st;
-                match &op {
-                    StateOp::Put(k, v) => {
-                        let mut payload = Vec::with_capacity(2 + k.len() + v.len());
-                        payload.extend_from_slice(
-                            &(k.len().min(u16::MAX as usize) as u16).to_le_bytes(),
-                        );
-                        payload.extend_from_slice(&k.as_bytes()[..k.len().min(u16::MAX as usize)]);
-                        payload.extend_from_slice(v);
-                        frame::encode(&mut st.pending_state, frame::kind::PUT, 0, &payload);
-                    }
-                    StateOp::Delete(k) => {
-                        frame::encode(&mut st.pending_state, frame::kind::DELETE, 0, k.as_bytes());
-                    }
-                }
+                let n = st.next_state_seq;
+                st.next_state_seq += 1;
+                encode_state_op(&mut st.pending_state, n, &op);
                 st.pending_state_ops.push(op);
             }
             st.waiters.push(tx);
@@ -818,10 +846,44 @@ fn decode_state_op(kind: u8, payload: &[u8]) -> Option<StateOp> {
     }
 }
 
-fn recover_state(path: &Path, rec: &mut Recovery) -> Result<HashMap<String, Vec<u8>>, SpoolError> {
+/// The live key/value state.
+type StateMap = HashMap<String, Vec<u8>>;
+
+fn encode_state_op(out: &mut Vec<u8>, seq: u64, op: &StateOp) {
+    match op {
+        StateOp::Put(k, v) => {
+            let klen = k.len().min(u16::MAX as usize);
+            let mut payload = Vec::with_capacity(2 + klen + v.len());
+            payload.extend_from_slice(&(klen as u16).to_le_bytes());
+            payload.extend_from_slice(&k.as_bytes()[..klen]);
+            payload.extend_from_slice(v);
+            frame::encode(out, frame::kind::PUT, seq, &payload);
+        }
+        StateOp::Delete(k) => {
+            frame::encode(out, frame::kind::DELETE, seq, k.as_bytes());
+        }
+    }
+}
+
+fn apply_state_op(live: &mut HashMap<String, Vec<u8>>, op: StateOp) {
+    match op {
+        StateOp::Put(k, v) => {
+            live.insert(k, v);
+        }
+        StateOp::Delete(k) => {
+            live.remove(&k);
+        }
+    }
+}
+
+/// Reads the state log: the live keys and the highest operation seq in it.
+fn recover_state(
+    path: &Path,
+    rec: &mut Recovery,
+) -> Result<(StateMap, Option<u64>), SpoolError> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), None)),
         Err(e) => return Err(io_err("reading", path, e)),
     };
     let scan = frame::scan(&data);
@@ -837,25 +899,26 @@ fn recover_state(path: &Path, rec: &mut Recovery) -> Result<HashMap<String, Vec<
             .map_err(|e| io_err("truncating", path, e))?;
     }
     let mut live = HashMap::new();
-    for &(off, kind, _, len) in &scan.frames {
+    let mut max = None;
+    for &(off, kind, seq, len) in &scan.frames {
         let body = &data
             [off as usize + frame::HEADER + frame::BODY_PREFIX..(off + u64::from(len)) as usize];
         match decode_state_op(kind, body) {
-            Some(StateOp::Put(k, v)) => {
-                live.insert(k, v);
-            }
-            Some(StateOp::Delete(k)) => {
-                live.remove(&k);
+            Some(op) => {
+                apply_state_op(&mut live, op);
+                max = Some(max.map_or(seq, |m: u64| m.max(seq)));
             }
             None => rec.corrupt += 1,
         }
     }
-    Ok(live)
+    Ok((live, max))
 }
 
 /// The writer thread: the only code that writes spool files.
 struct Writer {
     shared: Arc<Shared>,
+    /// Seq of the last state operation of the group being written (compaction stamps it).
+    group_state_seq: u64,
     active: Option<(u64, File)>,
     active_len: u64,
     state_file: File,
@@ -879,6 +942,7 @@ impl Writer {
             .sum();
         Ok(Writer {
             shared,
+            group_state_seq: 0,
             active: None,
             active_len: 0,
             state_file,
@@ -942,7 +1006,11 @@ impl Writer {
                 (
                     std::mem::take(&mut st.pending),
                     std::mem::take(&mut st.pending_state),
-                    std::mem::take(&mut st.pending_state_ops),
+                    {
+                        // The seq of the last state operation in this group.
+                        self.group_state_seq = st.next_state_seq.saturating_sub(1);
+                        std::mem::take(&mut st.pending_state_ops)
+                    },
                     count,
                     st.pending_first_seq.take(),
                     std::mem::take(&mut st.waiters),
@@ -962,7 +1030,13 @@ impl Writer {
             }
             let mut result = Ok(());
             if !events.is_empty() {
-                result = self.write_events(&events, first_seq.unwrap_or(0));
+                // State operations written with events go into the same segment write too, so
+                // one fsync makes both durable: a crash before the state log write below
+                // cannot leave events whose state (a LiveKit seq, a parked event's removal)
+                // is lost. Recovery replays such copies into the state log.
+                let mut buf = events.clone();
+                buf.extend_from_slice(&state_buf);
+                result = self.write_events(&buf, first_seq.unwrap_or(0));
             }
             if result.is_ok() && !state_buf.is_empty() {
                 result = self.write_state(&state_buf, state_ops);
@@ -1119,12 +1193,11 @@ impl Writer {
         let dir = &self.shared.state_dir;
         let tmp = dir.join("state.log.tmp");
         let mut buf = Vec::new();
+        // Every rewritten key carries the newest operation seq, so recovery still knows which
+        // copies in segments the log already holds.
+        let seq = self.group_state_seq;
         for (k, v) in &self.live {
-            let mut payload = Vec::with_capacity(2 + k.len() + v.len());
-            payload.extend_from_slice(&(k.len() as u16).to_le_bytes());
-            payload.extend_from_slice(k.as_bytes());
-            payload.extend_from_slice(v);
-            frame::encode(&mut buf, frame::kind::PUT, 0, &payload);
+            encode_state_op(&mut buf, seq, &StateOp::Put(k.clone(), v.clone()));
         }
         {
             let mut f = File::create(&tmp)?;

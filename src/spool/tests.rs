@@ -504,3 +504,46 @@ async fn damage_after_start_is_skipped_not_stalled_on() {
         "the damaged record's space is released"
     );
 }
+
+#[tokio::test]
+async fn state_written_with_events_survives_a_crash_between_the_two_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (s, _) = open(dir.path(), 1 << 20);
+        s.write(
+            vec![],
+            vec![StateOp::Put("lk/s".into(), b"seq=1".to_vec())],
+            Space::Check,
+        )
+        .await
+        .unwrap();
+        s.write(
+            vec![rec("event-2")],
+            vec![StateOp::Put("lk/s".into(), b"seq=2".to_vec())],
+            Space::Check,
+        )
+        .await
+        .unwrap();
+    }
+    // Simulate the crash: the state log lost its last write (the event's segment has it).
+    let log = dir.path().join("state/state.log");
+    let data = std::fs::read(&log).unwrap();
+    let scan = frame::scan(&data);
+    assert_eq!(scan.frames.len(), 2);
+    let first_len = scan.frames[0].3 as usize;
+    std::fs::write(&log, &data[..first_len]).unwrap();
+    let (_, r) = open(dir.path(), 1 << 20);
+    assert_eq!(
+        r.state["lk/s"], b"seq=2",
+        "the copy in the segment is replayed"
+    );
+    assert_eq!(r.events, 1);
+    // ... and written back to the log, so it outlives the segment.
+    let (_, r2) = {
+        drop(r);
+        open(dir.path(), 1 << 20)
+    };
+    assert_eq!(r2.state["lk/s"], b"seq=2");
+    let scan = frame::scan(&std::fs::read(&log).unwrap());
+    assert_eq!(scan.frames.len(), 2);
+}
