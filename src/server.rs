@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::ingest::{Ingest, IngestError, paygent};
+use crate::ingest::{Ingest, IngestError, paygent, vapi};
 use crate::pipeline::Pipeline;
 
 /// Lifecycle phase, for `/readyz`.
@@ -56,6 +56,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// `[server] token`, if set.
     pub token: Option<Arc<str>>,
+    /// `[vapi]`: authentication, default ids, forwarding.
+    pub vapi: Arc<vapi::Settings>,
 }
 
 /// Builds the router.
@@ -66,12 +68,18 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let api = paygent::routes()
         .with_state(ingest)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Vapi cannot send the local token; the route checks Vapi's own authentication instead.
+    let webhooks = vapi::routes().with_state(vapi::VapiState::new(
+        Arc::clone(&state.pipeline),
+        Arc::clone(&state.vapi),
+    ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(api)
+        .merge(webhooks)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }
