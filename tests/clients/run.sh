@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Real-client tests: voicetagd against the official Python SDK (paygent-sdk, pinned in
+# Real-client tests: voicetagd against the official Python SDKs (paygent-sdk, vapi-server-sdk; pinned in
 # requirements.txt). Works from a fresh clone: creates the venv, builds the daemon, runs pytest.
 #   VENV=path   venv location (default .venv-clients at the repository root)
 #   extra arguments are passed to pytest (e.g. -k usage -x)
