@@ -181,7 +181,7 @@ pub enum Compression {
 }
 
 /// `[vapi]` (used by `POST /webhooks/vapi`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VapiConfig {
     /// Plain shared secret expected in `X-Vapi-Secret` (or legacy `X-Vapi-Signature`).
@@ -198,9 +198,43 @@ pub struct VapiConfig {
     pub bearer_token_env: Option<Spanned<String>>,
     /// HMAC signature verification, as a Vapi webhook credential configures it.
     pub hmac: Option<VapiHmacConfig>,
-    /// Accept webhooks with no authentication configured. Default false.
+    /// Accept webhooks with no authentication configured. Default false. When any method
+    /// above is configured it must pass, whatever this says.
     #[serde(default)]
     pub allow_unauthenticated: bool,
+    /// The application's own webhook handler (`http://` or `https://`). When set, every
+    /// message is passed on to it after its usage is recorded, and its answer (status,
+    /// content type, body) goes back to Vapi. Unset by default: the daemon answers `200 {}`.
+    pub forward_url: Option<Spanned<String>>,
+    /// Timeout of one forwarded request; beyond it Vapi gets `502`. Default `10s` (Vapi itself
+    /// gives up after `server.timeoutSeconds`, 20 s by default).
+    #[serde(default = "default_forward_timeout")]
+    pub forward_timeout: DurationValue,
+    /// Agent id of a call whose metadata and headers name none. Default `vapi-agent`.
+    #[serde(default = "default_vapi_agent")]
+    pub default_agent_id: String,
+    /// Customer id of a call whose metadata and headers name none. Default `vapi-customer`.
+    #[serde(default = "default_vapi_customer")]
+    pub default_customer_id: String,
+}
+
+impl Default for VapiConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            secret_file: None,
+            secret_env: None,
+            bearer_token: None,
+            bearer_token_file: None,
+            bearer_token_env: None,
+            hmac: None,
+            allow_unauthenticated: false,
+            forward_url: None,
+            forward_timeout: default_forward_timeout(),
+            default_agent_id: default_vapi_agent(),
+            default_customer_id: default_vapi_customer(),
+        }
+    }
 }
 
 /// `[vapi.hmac]`
@@ -222,7 +256,9 @@ pub struct VapiHmacConfig {
     /// Header carrying the timestamp. Default `x-timestamp`.
     #[serde(default = "default_timestamp_header")]
     pub timestamp_header: String,
-    /// What is signed. Default `{timestamp}.{body}`.
+    /// What is signed: `{timestamp}` stands for the timestamp header's text, `{body}` for
+    /// the raw body bytes. Without `{timestamp}` the timestamp is neither needed nor checked.
+    /// Default `{timestamp}.{body}`.
     #[serde(default = "default_payload_format")]
     pub payload_format: String,
     /// Prefix before the encoded signature, e.g. `sha256=`. Default empty.
@@ -400,6 +436,15 @@ fn default_encoding() -> String {
 }
 fn default_hmac_tolerance() -> DurationValue {
     DurationValue(Duration::from_secs(300))
+}
+fn default_forward_timeout() -> DurationValue {
+    DurationValue(Duration::from_secs(10))
+}
+fn default_vapi_agent() -> String {
+    "vapi-agent".into()
+}
+fn default_vapi_customer() -> String {
+    "vapi-customer".into()
 }
 
 /// A duration written as `"250ms"`, `"5s"`, `"2h"` (humantime syntax).
@@ -711,6 +756,11 @@ pub fn load_str(
         ),
     };
     problems.append(&mut resolver.problems);
+    if let (Some(h), Some(secret)) = (&config.vapi.hmac, &secrets.vapi_hmac_secret)
+        && let Err(e) = h.key(secret)
+    {
+        problems.push(loc.problem(0..0, format!("vapi.hmac.secret: {e}")));
+    }
     let mut static_raw = serde_json::Map::new();
     for (k, v) in &config.tags.r#static {
         match toml_to_json(v.get_ref()) {
@@ -863,7 +913,32 @@ impl Config {
         if self.spool.max_bytes.get() < self.server.max_body_bytes.get() {
             at_top("spool.max_bytes must be at least server.max_body_bytes".into());
         }
+        if self.vapi.forward_timeout.get().is_zero() {
+            at_top("vapi.forward_timeout must be greater than 0".into());
+        }
+        for (key, v) in [
+            ("default_agent_id", &self.vapi.default_agent_id),
+            ("default_customer_id", &self.vapi.default_customer_id),
+        ] {
+            if v.trim().is_empty() {
+                at_top(format!("vapi.{key} must not be empty"));
+            }
+        }
         if let Some(h) = &self.vapi.hmac {
+            if h.secret.is_none() && h.secret_file.is_none() && h.secret_env.is_none() {
+                at_top("vapi.hmac: secret (or secret_file / secret_env) is required".into());
+            }
+            for (key, v) in [
+                ("signature_header", &h.signature_header),
+                ("timestamp_header", &h.timestamp_header),
+            ] {
+                if axum::http::HeaderName::from_bytes(v.trim().as_bytes()).is_err() {
+                    at_top(format!("vapi.hmac.{key}: {v:?} is not a valid header name"));
+                }
+            }
+            if let Err(e) = check_payload_format(&h.payload_format) {
+                at_top(format!("vapi.hmac.payload_format: {e}"));
+            }
             if !matches!(h.algorithm.as_str(), "sha256" | "sha512" | "sha1") {
                 at_top(format!(
                     "vapi.hmac.algorithm: {:?} is not one of sha256, sha512, sha1",
@@ -877,7 +952,68 @@ impl Config {
                 ));
             }
         }
+        if let Some(u) = &self.vapi.forward_url
+            && let Err(e) = check_http_url(u.get_ref())
+        {
+            problems.push(loc.problem(u.span(), format!("vapi.forward_url: {e}")));
+        }
         problems
+    }
+}
+
+/// Checks an `http(s)://` URL with a host.
+fn check_http_url(s: &str) -> Result<(), String> {
+    match reqwest::Url::parse(s) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
+        Ok(u) => Err(format!(
+            "unsupported url scheme {:?}: use http:// or https://",
+            u.scheme()
+        )),
+        Err(e) => Err(format!("invalid url {s:?}: {e}")),
+    }
+}
+
+/// Checks an HMAC payload format: only `{timestamp}` and `{body}` are known placeholders.
+/// Vapi also documents `{method}`, `{url}` and `{svix-id}` but not how it renders them, so
+/// they are refused rather than guessed.
+fn check_payload_format(f: &str) -> Result<(), String> {
+    if !f.contains("{body}") {
+        return Err(format!("{f:?} must contain {{body}}"));
+    }
+    let mut rest = f;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open..];
+        let Some(close) = after.find('}') else { break };
+        let name = &after[..=close];
+        if name != "{timestamp}" && name != "{body}" {
+            return Err(format!(
+                "placeholder {name} is not supported (only {{timestamp}} and {{body}})"
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+impl VapiHmacConfig {
+    /// The HMAC key: the secret's bytes, or its base64 decoding with `secret_is_base64`
+    /// (standard alphabet, padding optional; URL-safe accepted too).
+    pub fn key(&self, secret: &str) -> Result<Vec<u8>, String> {
+        if !self.secret_is_base64 {
+            return Ok(secret.as_bytes().to_vec());
+        }
+        use base64::Engine as _;
+        let t = secret.trim();
+        let engines = [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+            &base64::engine::general_purpose::URL_SAFE,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ];
+        engines
+            .iter()
+            .find_map(|e| e.decode(t).ok())
+            .ok_or_else(|| "the secret is not valid base64 (secret_is_base64 = true)".to_string())
     }
 }
 
@@ -927,6 +1063,29 @@ mod tests {
         );
         assert_eq!(l.config.spool.fsync, FsyncPolicy::Always);
         assert_eq!(l.config.upstream.compression, Compression::Gzip);
+        assert_eq!(l.config.vapi.default_agent_id, "vapi-agent");
+        assert_eq!(l.config.vapi.default_customer_id, "vapi-customer");
+        assert_eq!(l.config.vapi.forward_timeout.get(), Duration::from_secs(10));
+        assert!(l.config.vapi.forward_url.is_none());
+        assert!(!l.config.vapi.allow_unauthenticated);
+    }
+
+    #[test]
+    fn vapi_hmac_defaults_follow_the_sdk() {
+        let l = load_text(&format!(
+            "{MIN}[vapi]\nforward_url = \"http://127.0.0.1:3000/vapi\"\n[vapi.hmac]\nsecret = \"a2V5\"\nsecret_is_base64 = true\n"
+        ))
+        .unwrap();
+        let h = l.config.vapi.hmac.as_ref().unwrap();
+        assert_eq!(h.algorithm, "sha256");
+        assert_eq!(h.signature_header, "x-signature");
+        assert_eq!(h.timestamp_header, "x-timestamp");
+        assert_eq!(h.payload_format, "{timestamp}.{body}");
+        assert_eq!(h.encoding, "hex");
+        assert_eq!(h.prefix, "");
+        assert_eq!(h.tolerance.get(), Duration::from_secs(300));
+        assert_eq!(h.key("a2V5").unwrap(), b"key");
+        assert_eq!(h.key("a2V5eQ").unwrap(), b"keyy");
     }
 
     #[test]
@@ -991,6 +1150,56 @@ mod tests {
                 "invalid static tag key",
                 "[upstream]\nurl = \"file:///x\"\n[tags]\nstatic = { \"bad key\" = \"v\" }\n",
                 "t.toml:4:24: tags.static: tag \"bad key\" skipped",
+            ),
+            (
+                "vapi forward_url not http",
+                "[upstream]\nurl = \"file:///x\"\n[vapi]\nforward_url = \"ftp://app/hook\"\n",
+                "t.toml:4:15: vapi.forward_url: unsupported url scheme \"ftp\"",
+            ),
+            (
+                "vapi forward_timeout zero",
+                "[upstream]\nurl = \"file:///x\"\n[vapi]\nforward_timeout = \"0s\"\n",
+                "vapi.forward_timeout must be greater than 0",
+            ),
+            (
+                "vapi empty default id",
+                "[upstream]\nurl = \"file:///x\"\n[vapi]\ndefault_agent_id = \" \"\n",
+                "vapi.default_agent_id must not be empty",
+            ),
+            (
+                "vapi hmac without secret",
+                "[upstream]\nurl = \"file:///x\"\n[vapi.hmac]\nalgorithm = \"sha256\"\n",
+                "vapi.hmac: secret (or secret_file / secret_env) is required",
+            ),
+            (
+                "vapi hmac unknown algorithm",
+                "[upstream]\nurl = \"file:///x\"\n[vapi.hmac]\nsecret = \"k\"\nalgorithm = \"md5\"\n",
+                "vapi.hmac.algorithm: \"md5\" is not one of sha256, sha512, sha1",
+            ),
+            (
+                "vapi hmac unsupported placeholder",
+                "[upstream]\nurl = \"file:///x\"\n[vapi.hmac]\nsecret = \"k\"\npayload_format = \"{method}.{body}\"\n",
+                "placeholder {method} is not supported",
+            ),
+            (
+                "vapi hmac format without body",
+                "[upstream]\nurl = \"file:///x\"\n[vapi.hmac]\nsecret = \"k\"\npayload_format = \"{timestamp}\"\n",
+                "must contain {body}",
+            ),
+            (
+                "vapi hmac bad header name",
+                "[upstream]\nurl = \"file:///x\"\n[vapi.hmac]\nsecret = \"k\"\nsignature_header = \"x sig\"\n",
+                "vapi.hmac.signature_header: \"x sig\" is not a valid header name",
+            ),
+            (
+                "vapi hmac secret not base64",
+                "[upstream]\nurl = \"file:///x\"\n[vapi.hmac]\nsecret = \"not base64!\"\nsecret_is_base64 = true\n",
+                "vapi.hmac.secret: the secret is not valid base64",
+            ),
+            (
+                "vapi unknown key",
+                "[upstream]\nurl = \"file:///x\"\n[vapi]\nforward = \"http://x\"\n",
+                "t.toml:4:1: unknown field `forward`",
             ),
             (
                 "bad listen address",

@@ -43,6 +43,9 @@ pub enum DaemonError {
     /// The HTTP client could not be built.
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    /// The Vapi webhook settings could not be built.
+    #[error("{0}")]
+    Vapi(String),
     /// The spool could not be opened.
     #[error("cannot open the spool: {0}")]
     Spool(SpoolError),
@@ -106,6 +109,9 @@ pub async fn run(
         Arc::clone(&metrics),
     )?);
 
+    // Built before anything starts, so a bad [vapi] section stops the daemon at once.
+    let vapi = crate::ingest::vapi::Settings::from_loaded(&loaded).map_err(DaemonError::Vapi)?;
+
     let (shutdown_tx, _) = broadcast::channel::<()>(1);
     if recovery.corrupt > 0 {
         metrics.add(
@@ -139,6 +145,7 @@ pub async fn run(
         pipeline: Arc::clone(&pipeline),
         readiness: Arc::clone(&readiness),
         token: loaded.secrets.server_token.as_deref().map(Arc::from),
+        vapi: Arc::new(vapi),
     };
     let app = router(state, livekit, max_body);
     readiness.set(Phase::Ready);

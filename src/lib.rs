@@ -4,7 +4,8 @@
 //! The data flows one way through these modules:
 //!
 //! * [`ingest`] — sources turn wire formats into [`event::Event`]s:
-//!   [`ingest::paygent`] (the Paygent SDK's HTTP API);
+//!   [`ingest::paygent`] (the Paygent SDK's HTTP API) and [`ingest::vapi`] (Vapi server
+//!   messages: authenticated webhooks whose end-of-call reports become usage events);
 //! * [`pipeline`] — stamps each event with its session ([`sessions`]) and the [`tags`] rules,
 //!   holding events of not-yet-started sessions, then appends them to the [`spool`];
 //! * [`spool`] — the bounded queue between ingest and delivery;

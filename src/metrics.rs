@@ -53,6 +53,22 @@ pub const HELP: &[(&str, &str)] = &[
         "voicetagd_batches_delivered_total",
         "Batches delivered upstream.",
     ),
+    (
+        "voicetagd_vapi_messages_total",
+        "Authenticated Vapi server messages, by type (types unknown to vapi-server-sdk 3.0.0 as \"other\").",
+    ),
+    (
+        "voicetagd_vapi_auth_failures_total",
+        "Vapi webhooks refused with 401.",
+    ),
+    (
+        "voicetagd_vapi_duplicate_reports_total",
+        "Repeated Vapi end-of-call-reports that added nothing.",
+    ),
+    (
+        "voicetagd_vapi_default_ids_total",
+        "Vapi call sessions started with [vapi] default_agent_id / default_customer_id, by field.",
+    ),
 ];
 
 impl Metrics {

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::ingest::livekit::Livekit;
-use crate::ingest::{Ingest, IngestError, paygent};
+use crate::ingest::{Ingest, IngestError, paygent, vapi};
 use crate::pipeline::Pipeline;
 
 /// Lifecycle phase, for `/readyz`.
@@ -57,6 +57,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// `[server] token`, if set.
     pub token: Option<Arc<str>>,
+    /// `[vapi]`: authentication, default ids, forwarding.
+    pub vapi: Arc<vapi::Settings>,
 }
 
 /// Builds the router.
@@ -72,6 +74,11 @@ pub fn router(state: AppState, livekit: Arc<Livekit>, max_body_bytes: usize) -> 
         .merge(livekit_ws)
         .merge(crate::ops::routes(Arc::clone(&state.pipeline)))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Vapi cannot send the local token; the route checks Vapi's own authentication instead.
+    let webhooks = vapi::routes().with_state(vapi::VapiState::new(
+        Arc::clone(&state.pipeline),
+        Arc::clone(&state.vapi),
+    ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -79,6 +86,7 @@ pub fn router(state: AppState, livekit: Arc<Livekit>, max_body_bytes: usize) -> 
         .with_state(state)
         .merge(api)
         .merge(livekit_webhook)
+        .merge(webhooks)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
 }

@@ -7,6 +7,7 @@
 
 pub mod livekit;
 pub mod paygent;
+pub mod vapi;
 
 use std::sync::Arc;
 
@@ -46,6 +47,9 @@ pub enum IngestError {
     /// The daemon is shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// A handler the daemon passes requests on to (Vapi `forward_url`) failed or timed out.
+    #[error("{0}")]
+    BadGateway(String),
     /// A bug; the details are logged.
     #[error("internal error")]
     Internal,
@@ -82,6 +86,7 @@ impl IntoResponse for IngestError {
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::Full(_) | IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             IngestError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();

@@ -877,10 +877,7 @@ fn apply_state_op(live: &mut HashMap<String, Vec<u8>>, op: StateOp) {
 }
 
 /// Reads the state log: the live keys and the highest operation seq in it.
-fn recover_state(
-    path: &Path,
-    rec: &mut Recovery,
-) -> Result<(StateMap, Option<u64>), SpoolError> {
+fn recover_state(path: &Path, rec: &mut Recovery) -> Result<(StateMap, Option<u64>), SpoolError> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), None)),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Real-client tests: voicetagd against the official Python SDK (paygent-sdk, pinned in
-# requirements.txt) and against livekit-agents through the voicetagd hook (clients/python, whose
-# own unit tests run too). Works from a fresh clone: creates the venv, builds the daemon, runs pytest.
+# Real-client tests: voicetagd against the official Python SDKs (paygent-sdk, vapi-server-sdk) and
+# against livekit-agents through the voicetagd hook (clients/python, whose own unit tests run too),
+# all pinned in requirements.txt. Works from a fresh clone: creates the venv, builds the daemon, runs pytest.
 #   VENV=path   venv location (default .venv-clients at the repository root)
 #   extra arguments are passed to pytest (e.g. -k usage -x)
 set -euo pipefail
