@@ -118,8 +118,11 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            init_logging(loaded.config.log.format);
-            match run(loaded) {
+            let hook = init_logging(
+                loaded.config.log.format,
+                loaded.config.log.filter.as_deref(),
+            );
+            match run(loaded, hook) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -257,27 +260,51 @@ async fn usage(remote: Remote, filter: Vec<String>, group_by: String) -> anyhow:
     Ok(())
 }
 
-fn run(loaded: config::Loaded) -> anyhow::Result<()> {
+fn run(loaded: config::Loaded, hook: Option<crate::daemon::LogFilterHook>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("voicetagd")
         .build()?;
-    rt.block_on(crate::daemon::run(loaded, crate::daemon::signal()))?;
+    rt.block_on(crate::daemon::run(loaded, crate::daemon::signal(), hook))?;
     Ok(())
 }
 
-/// Logs to stderr; the filter comes from `VOICETAGD_LOG` (default `info`).
-fn init_logging(format: LogFormat) {
+/// Logs to stderr; the filter comes from `VOICETAGD_LOG`, else `[log] filter`, else `info`.
+/// Returns the hook a reload uses to change the filter.
+fn init_logging(format: LogFormat, filter: Option<&str>) -> Option<crate::daemon::LogFilterHook> {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("VOICETAGD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never in journald or log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    use tracing_subscriber::prelude::*;
+    let initial = EnvFilter::try_from_env("VOICETAGD_LOG")
+        .or_else(|_| EnvFilter::try_new(filter.unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(initial);
+    // Colour codes only for a person at a terminal, never in journald or log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let registry = tracing_subscriber::registry().with(filter_layer);
+    let ok = match format {
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+            .is_ok(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+            .is_ok(),
     };
+    if !ok {
+        return None;
+    }
+    Some(Box::new(move |f: &str| {
+        let new = EnvFilter::try_new(f).map_err(|e| format!("log.filter {f:?}: {e}"))?;
+        handle.reload(new).map_err(|e| e.to_string())
+    }))
 }

@@ -325,9 +325,12 @@ pub enum UsageSource {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
-    /// `"text"` (default) or `"json"`. The filter comes from `VOICETAGD_LOG`.
+    /// `"text"` (default) or `"json"`.
     #[serde(default)]
     pub format: LogFormat,
+    /// The log filter (`EnvFilter` syntax, e.g. `"info"` or `"voicetagd=debug"`), used when
+    /// `VOICETAGD_LOG` is not set; reloadable with SIGHUP. Default `"info"`.
+    pub filter: Option<String>,
 }
 
 /// Log line format.

@@ -13,11 +13,14 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
 use crate::config::Loaded;
+use crate::event::Timestamp;
 use crate::ingest::livekit::Livekit;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::reload::Live;
 use crate::server::{AppState, Phase, Readiness, router};
 use crate::sessions::Registry;
+use crate::spool::{Space, StateOp};
 use crate::spool::{Spool, SpoolError};
 use crate::upstream::{Settings, Upstream};
 
@@ -58,6 +61,7 @@ pub enum DaemonError {
 pub async fn run(
     loaded: Loaded,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
+    set_log_filter: Option<LogFilterHook>,
 ) -> Result<(), DaemonError> {
     let cfg = &loaded.config;
     let readiness = Arc::new(Readiness::default());
@@ -141,25 +145,43 @@ pub async fn run(
             source,
         })?;
     let local = listener.local_addr().map_err(DaemonError::Serve)?;
+    let token = Arc::new(Live::new(loaded.secrets.server_token.clone()));
+    let vapi = Arc::new(Live::new(vapi));
     let state = AppState {
         pipeline: Arc::clone(&pipeline),
         readiness: Arc::clone(&readiness),
-        token: loaded.secrets.server_token.as_deref().map(Arc::from),
-        vapi: Arc::new(vapi),
+        token: Arc::clone(&token),
+        vapi: Arc::clone(&vapi),
     };
-    let app = router(state, livekit, max_body);
+    let app = router(state, Arc::clone(&livekit), max_body);
     readiness.set(Phase::Ready);
     tracing::info!(listen = %local, upstream = %cfg.upstream.url, spool = %cfg.spool.dir.display(),
         "voicetagd is ready");
+    notify(&[sd_notify::NotifyState::Ready]);
+    let live = Reloadables {
+        pipeline: Arc::clone(&pipeline),
+        upstream: Arc::clone(&upstream),
+        livekit,
+        token,
+        vapi,
+        set_log_filter,
+    };
+    let status = tokio::spawn(run_status(
+        Arc::clone(&pipeline),
+        Arc::clone(&upstream),
+        shutdown_tx.subscribe(),
+    ));
+    let reloader = tokio::spawn(run_reload(loaded.clone(), live, shutdown_tx.subscribe()));
 
-    let drain_started = Arc::new(tokio::sync::Notify::new());
-    let notify = Arc::clone(&drain_started);
     let ready = Arc::clone(&readiness);
     let graceful = async move {
         stop.await;
         ready.set(Phase::Draining);
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("draining the queue"),
+        ]);
         tracing::info!("shutdown requested; no longer accepting, draining the queue");
-        notify.notify_one();
     };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(graceful)
@@ -169,6 +191,8 @@ pub async fn run(
     let _ = expiry.await;
     let _ = parked.await;
     let _ = lk_sweep.await;
+    let _ = status.await;
+    let _ = reloader.await;
     pipeline.release_all().await;
     spool.close();
     let abort = delivery.abort_handle();
@@ -187,6 +211,179 @@ pub async fn run(
     }
     spool.shutdown();
     served.map_err(DaemonError::Serve)
+}
+
+/// Applies a new log filter (`[log] filter`) on reload; returns an error text if invalid.
+pub type LogFilterHook = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Sends a notification to systemd when `NOTIFY_SOCKET` is set (`Type=notify`); a no-op
+/// otherwise.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// How often STATUS= is refreshed when systemd has no watchdog for us.
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps systemd informed: `STATUS=` with queue depth and upstream state, and `WATCHDOG=1`
+/// only after a round trip through the spool writer proves the pipeline still moves (a wedged
+/// writer thread then gets the daemon restarted by systemd instead of silently accepting
+/// nothing).
+async fn run_status(
+    pipeline: Arc<Pipeline>,
+    upstream: Arc<Upstream>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let usec = watchdog_usec();
+    let watchdog = usec.is_some();
+    let usec = usec.unwrap_or(0);
+    let every = if watchdog {
+        Duration::from_micros(usec / 2).max(Duration::from_millis(100))
+    } else {
+        STATUS_EVERY
+    };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.recv() => return,
+        }
+        let depth = pipeline.spool().depth();
+        let line = format!(
+            "queue {} events ({} bytes), {} active sessions, {}",
+            depth.events,
+            depth.bytes,
+            pipeline.sessions().active_count(),
+            upstream.status()
+        );
+        if watchdog {
+            let probe = pipeline.spool().write(
+                Vec::new(),
+                vec![StateOp::Put(
+                    "w/heartbeat".into(),
+                    Timestamp::now().to_string().into_bytes(),
+                )],
+                Space::Accepted,
+            );
+            match tokio::time::timeout(every, probe).await {
+                Ok(Ok(())) => notify(&[
+                    sd_notify::NotifyState::Watchdog,
+                    sd_notify::NotifyState::Status(&line),
+                ]),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "watchdog probe failed: the spool cannot write");
+                    notify(&[sd_notify::NotifyState::Status(&line)]);
+                }
+                Err(_) => tracing::error!("watchdog probe timed out: the spool writer is stuck"),
+            }
+        } else {
+            notify(&[sd_notify::NotifyState::Status(&line)]);
+        }
+    }
+}
+
+/// The watchdog interval systemd asks for, as `sd_watchdog_enabled(3)` reads it:
+/// `WATCHDOG_USEC`, for this process if `WATCHDOG_PID` names it or is unset.
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC")
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|u| *u > 0)?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => Some(usec),
+    }
+}
+
+/// What a reload can change, and where.
+struct Reloadables {
+    pipeline: Arc<Pipeline>,
+    upstream: Arc<Upstream>,
+    livekit: Arc<Livekit>,
+    token: Arc<Live<Option<String>>>,
+    vapi: Arc<Live<crate::ingest::vapi::Settings>>,
+    set_log_filter: Option<LogFilterHook>,
+}
+
+/// Reloads the config file on SIGHUP: a file with errors changes nothing.
+async fn run_reload(mut current: Loaded, live: Reloadables, mut shutdown: broadcast::Receiver<()>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = shutdown.recv() => return,
+            }
+            notify(&[sd_notify::NotifyState::Reloading]);
+            let path = current.path.clone();
+            match crate::config::load(&path) {
+                Err(e) => {
+                    live.pipeline
+                        .metrics()
+                        .inc("voicetagd_reloads_total", &[("result", "error")]);
+                    tracing::error!(problems = %e, "config reload failed; keeping the running config");
+                }
+                Ok(new) => match apply(&current, &new, &live) {
+                    Ok(()) => {
+                        live.pipeline
+                            .metrics()
+                            .inc("voicetagd_reloads_total", &[("result", "ok")]);
+                        current = new;
+                    }
+                    Err(why) => {
+                        live.pipeline
+                            .metrics()
+                            .inc("voicetagd_reloads_total", &[("result", "error")]);
+                        tracing::error!(error = %why, "config reload failed; keeping the running config");
+                    }
+                },
+            }
+            notify(&[sd_notify::NotifyState::Ready]);
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (current, live, shutdown.recv().await);
+    }
+}
+
+/// Applies what can change live; logs what needs a restart.
+fn apply(old: &Loaded, new: &Loaded, live: &Reloadables) -> Result<(), String> {
+    // Build everything that can fail first, so a failure changes nothing.
+    let vapi = crate::ingest::vapi::Settings::from_loaded(new)?;
+    if let (Some(hook), Some(filter)) = (&live.set_log_filter, &new.config.log.filter)
+        && std::env::var_os("VOICETAGD_LOG").is_none()
+    {
+        hook(filter)?;
+    }
+    live.pipeline.set_static_tags(new.static_tags.clone());
+    live.token.set(new.secrets.server_token.clone());
+    live.vapi.set(vapi);
+    live.livekit.reload(
+        new.config.livekit.api_key.clone(),
+        new.secrets.livekit_api_secret.clone(),
+    );
+    live.upstream.reload(Settings::from_config(
+        &new.config.upstream,
+        new.secrets.upstream_api_key.clone(),
+        &old.config.spool.dir,
+    ));
+    let restart = crate::reload::needs_restart(&old.config, &new.config);
+    if restart.is_empty() {
+        tracing::info!(path = %new.path.display(), "config reloaded");
+    } else {
+        tracing::warn!(path = %new.path.display(), keys = %restart.join(", "),
+            "config reloaded; these changes need a restart to take effect");
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -213,7 +410,3 @@ pub async fn signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
-
-/// A small delay used by tests and callers that need the clock to move; kept here so the
-/// lifecycle's timing knobs live in one module.
-pub const POLL: Duration = Duration::from_millis(20);

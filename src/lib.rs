@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ops;
 pub mod pipeline;
+pub mod reload;
 pub mod server;
 pub mod sessions;
 pub mod spool;

@@ -13,6 +13,33 @@ use dashmap::DashMap;
 pub struct Metrics {
     counters: DashMap<(&'static str, String), AtomicU64>,
     help: DashMap<&'static str, &'static str>,
+    /// Histograms by name; a std `Mutex` each, held for one bucket increment.
+    histograms: DashMap<&'static str, std::sync::Mutex<Histogram>>,
+}
+
+/// Bucket bounds of the histograms, chosen for their units.
+pub const HISTOGRAMS: &[(&str, &str, &[f64])] = &[
+    (
+        "voicetagd_upstream_request_seconds",
+        "Upstream request latency in seconds, per attempt.",
+        &[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ],
+    ),
+    (
+        "voicetagd_batch_events",
+        "Events per batch sent upstream.",
+        &[1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+    ),
+];
+
+/// A cumulative-bucket histogram.
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    bounds: Vec<f64>,
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
 }
 
 /// Counter names and their help texts, so every series is documented in the output.
@@ -100,6 +127,27 @@ impl Metrics {
             .fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Records one observation in a histogram of [`HISTOGRAMS`] (unknown names are ignored).
+    pub fn observe(&self, name: &'static str, value: f64) {
+        let Some((_, _, bounds)) = HISTOGRAMS.iter().find(|(n, _, _)| *n == name) else {
+            return;
+        };
+        let entry = self.histograms.entry(name).or_insert_with(|| {
+            std::sync::Mutex::new(Histogram {
+                bounds: bounds.to_vec(),
+                counts: vec![0; bounds.len()],
+                sum: 0.0,
+                count: 0,
+            })
+        });
+        let mut h = entry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = h.bounds.iter().position(|b| value <= *b) {
+            h.counts[i] += 1;
+        }
+        h.sum += value;
+        h.count += 1;
+    }
+
     /// Adds one.
     pub fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
         self.add(name, labels, 1);
@@ -146,6 +194,35 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{{labels}}} {value}");
             }
         }
+        let mut hs: Vec<(&'static str, Histogram)> = self
+            .histograms
+            .iter()
+            .map(|e| {
+                (
+                    *e.key(),
+                    e.value().lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                )
+            })
+            .collect();
+        hs.sort_by_key(|(n, _)| *n);
+        for (name, h) in hs {
+            let help = HISTOGRAMS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, h, _)| *h)
+                .unwrap_or("");
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            let mut cumulative = 0;
+            for (b, c) in h.bounds.iter().zip(&h.counts) {
+                cumulative += c;
+                let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+                h.count, h.sum, h.count
+            );
+        }
         for (name, help, value) in gauges {
             let _ = writeln!(
                 out,
@@ -186,7 +263,12 @@ mod tests {
             ),
             3
         );
+        m.observe("voicetagd_batch_events", 7.0);
+        m.observe("voicetagd_batch_events", 700.0);
         let text = m.render(&[("voicetagd_sessions_active", "Active sessions.", 2.0)]);
+        assert!(text.contains("voicetagd_batch_events_bucket{le=\"10\"} 1\n"));
+        assert!(text.contains("voicetagd_batch_events_bucket{le=\"1000\"} 2\n"));
+        assert!(text.contains("voicetagd_batch_events_count 2\n"));
         assert!(text.contains("voicetagd_events_received_total{source=\"api\",kind=\"stt\"} 3\n"));
         assert!(text.contains("# TYPE voicetagd_tags_skipped_total counter\n"));
         assert!(text.contains("voicetagd_sessions_active 2\n"));

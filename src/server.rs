@@ -14,6 +14,7 @@ use serde_json::json;
 use crate::ingest::livekit::Livekit;
 use crate::ingest::{Ingest, IngestError, paygent, vapi};
 use crate::pipeline::Pipeline;
+use crate::reload::Live;
 
 /// Lifecycle phase, for `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +56,10 @@ pub struct AppState {
     pub pipeline: Arc<Pipeline>,
     /// Lifecycle phase.
     pub readiness: Arc<Readiness>,
-    /// `[server] token`, if set.
-    pub token: Option<Arc<str>>,
-    /// `[vapi]`: authentication, default ids, forwarding.
-    pub vapi: Arc<vapi::Settings>,
+    /// `[server] token`, if set (reloadable).
+    pub token: Arc<Live<Option<String>>>,
+    /// `[vapi]`: authentication, default ids, forwarding (reloadable).
+    pub vapi: Arc<Live<vapi::Settings>>,
 }
 
 /// Builds the router.
@@ -101,7 +102,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Accepts `Authorization: Bearer <token>` or `paygent-api-key: <token>` when a token is set.
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(token) = state.token.as_deref() else {
+    let token = state.token.get();
+    let Some(token) = token.as_deref() else {
         return next.run(req).await;
     };
     let h = req.headers();

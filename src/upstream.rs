@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use crate::config::{Compression, UpstreamConfig, UpstreamUrl};
 use crate::event::{Timestamp, new_id};
 use crate::metrics::Metrics;
+use crate::reload::Live;
 use crate::spool::{Batch, BatchLimits, Spool};
 
 /// Longest `Retry-After` honoured.
@@ -141,10 +142,35 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 
 /// The delivery side of the daemon.
 pub struct Upstream {
-    settings: Settings,
+    /// Reloadable: read once per batch (limits) and once per attempt (target, key, retry).
+    settings: Live<Settings>,
+    /// Fixed at start: the number of batches in flight.
+    concurrency: usize,
     client: reqwest::Client,
     spool: Arc<Spool>,
     metrics: Arc<Metrics>,
+    state: Health,
+}
+
+/// The upstream's recent health, for `STATUS=` lines.
+#[derive(Default)]
+struct Health(std::sync::Mutex<(bool, String)>);
+
+impl Health {
+    fn delivered(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (true, String::new());
+    }
+    fn failed(&self, why: &str) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (false, why.to_string());
+    }
+    fn line(&self) -> String {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 || g.1.is_empty() {
+            "upstream ok".to_string()
+        } else {
+            format!("upstream retrying ({})", g.1)
+        }
+    }
 }
 
 impl Upstream {
@@ -155,20 +181,21 @@ impl Upstream {
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
-            .timeout(settings.timeout)
             .user_agent(concat!("voicetagd/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Upstream {
-            settings,
+            concurrency: settings.concurrency,
+            settings: Live::new(settings),
             client,
             spool,
             metrics,
+            state: Health::default(),
         })
     }
 
     /// Delivers batches until the spool is closed and empty. In-flight batches are awaited.
     pub async fn run(self: Arc<Self>) {
-        let sem = Arc::new(Semaphore::new(self.settings.concurrency));
+        let sem = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
         loop {
             // Take the permit first: while every slot is busy, records stay in the spool.
@@ -177,7 +204,8 @@ impl Upstream {
             };
             // Reap finished tasks so the set does not grow.
             while tasks.try_join_next().is_some() {}
-            let Some(batch) = self.spool.next_batch(self.settings.limits).await else {
+            let limits = self.settings.get().limits;
+            let Some(batch) = self.spool.next_batch(limits).await else {
                 break;
             };
             let me = Arc::clone(&self);
@@ -194,31 +222,37 @@ impl Upstream {
         let n = batch.records.len() as u64;
         let sent_at = Timestamp::now();
         let mut attempt = 0u32;
-        let body = match &self.settings.url {
-            UpstreamUrl::File(_) => Bytes::new(),
-            UpstreamUrl::Http(_) => match encode_body(
-                &batch_id,
-                sent_at,
-                &batch.records,
-                self.settings.compression,
-            ) {
-                Ok(b) => b,
-                Err(e) => {
-                    // Compression into memory only fails on allocation; keep the batch.
-                    tracing::error!(batch_id, error = %e, "could not compress batch; sending it uncompressed");
-                    Bytes::from(json_body(&batch_id, sent_at, &batch.records))
-                }
-            },
-        };
-        let compression = if body.is_empty() {
-            Compression::None
-        } else {
-            self.settings.compression
-        };
+        // The body is built and compressed once and re-sent unchanged on every retry; only a
+        // reload that changes the compression makes it be built again.
+        let mut body: Option<(Compression, Bytes)> = None;
+        self.metrics.observe("voicetagd_batch_events", n as f64);
         loop {
-            let result = match &self.settings.url {
+            let s = self.settings.get();
+            let started = std::time::Instant::now();
+            let result = match &s.url {
                 UpstreamUrl::Http(url) => {
-                    self.post(url, &batch_id, body.clone(), compression).await
+                    if body.as_ref().is_none_or(|(c, _)| *c != s.compression) {
+                        let b = match encode_body(&batch_id, sent_at, &batch.records, s.compression)
+                        {
+                            Ok(b) => (s.compression, b),
+                            Err(e) => {
+                                // Compression into memory only fails on allocation; send as is.
+                                tracing::error!(batch_id, error = %e, "could not compress batch; sending it uncompressed");
+                                (
+                                    Compression::None,
+                                    Bytes::from(json_body(&batch_id, sent_at, &batch.records)),
+                                )
+                            }
+                        };
+                        body = Some(b);
+                    }
+                    let (c, b) = body.clone().unwrap_or((Compression::None, Bytes::new()));
+                    let r = self.post(&s, url, &batch_id, b, c).await;
+                    self.metrics.observe(
+                        "voicetagd_upstream_request_seconds",
+                        started.elapsed().as_secs_f64(),
+                    );
+                    r
                 }
                 UpstreamUrl::File(dir) => {
                     write_ndjson(dir, &batch_id, &batch.records).map_err(DeliveryError::from)
@@ -227,18 +261,20 @@ impl Upstream {
             match result {
                 Ok(()) => {
                     tracing::debug!(batch_id, events = n, "batch delivered");
-                    self.metrics.add("voicetagd_events_delivered_total", &[], n);
+                    self.count_by_kind("voicetagd_events_delivered_total", &batch.records);
                     self.metrics.inc("voicetagd_batches_delivered_total", &[]);
+                    self.state.delivered();
                     self.spool.commit(&batch.ack);
                     return;
                 }
                 Err(DeliveryError::Rejected { status, body: text }) => {
                     tracing::error!(batch_id, status = status.as_u16(), events = n, response = %text,
                         "upstream rejected the batch; writing it to dead-letter");
-                    self.dead_letter(&batch_id, status, &text, &batch.records)
+                    self.dead_letter(&s, &batch_id, status, &text, &batch.records)
                         .await;
-                    self.metrics
-                        .add("voicetagd_events_dead_lettered_total", &[], n);
+                    self.count_by_kind("voicetagd_events_dead_lettered_total", &batch.records);
+                    self.state
+                        .failed(&format!("rejected a batch with {status}"));
                     self.spool.commit(&batch.ack);
                     return;
                 }
@@ -248,15 +284,12 @@ impl Upstream {
                             retry_after: Some(ra),
                             ..
                         } => (*ra).min(RETRY_AFTER_CAP),
-                        _ => backoff(
-                            attempt,
-                            self.settings.retry_initial,
-                            self.settings.retry_max,
-                        ),
+                        _ => backoff(attempt, s.retry_initial, s.retry_max),
                     };
                     tracing::warn!(batch_id, attempt = attempt + 1, error = %err, retry_in_ms = delay.as_millis() as u64,
                         "batch delivery failed; will retry");
                     self.metrics.inc("voicetagd_upstream_retries_total", &[]);
+                    self.state.failed(&err.to_string());
                     attempt = attempt.saturating_add(1);
                     tokio::time::sleep(delay).await;
                 }
@@ -264,8 +297,40 @@ impl Upstream {
         }
     }
 
+    /// Counts records by their `source` and `kind` (read from the stored JSON).
+    fn count_by_kind(&self, name: &'static str, records: &[Bytes]) {
+        #[derive(serde::Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow)]
+            source: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            kind: std::borrow::Cow<'a, str>,
+        }
+        for r in records {
+            match serde_json::from_slice::<Head>(r) {
+                Ok(h) => self
+                    .metrics
+                    .inc(name, &[("source", &h.source), ("kind", &h.kind)]),
+                Err(_) => self
+                    .metrics
+                    .inc(name, &[("source", "unknown"), ("kind", "unknown")]),
+            }
+        }
+    }
+
+    /// Replaces the reloadable settings.
+    pub fn reload(&self, settings: Settings) {
+        self.settings.set(settings);
+    }
+
+    /// A one-line state for `STATUS=` and logs.
+    pub fn status(&self) -> String {
+        self.state.line()
+    }
+
     async fn post(
         &self,
+        s: &Settings,
         url: &str,
         batch_id: &str,
         body: Bytes,
@@ -282,7 +347,7 @@ impl Upstream {
             }
             Compression::None => {}
         }
-        if let Some(k) = &self.settings.api_key
+        if let Some(k) = &s.api_key
             && let Ok(v) = HeaderValue::from_str(k)
         {
             headers.insert("paygent-api-key", v);
@@ -293,6 +358,7 @@ impl Upstream {
         let resp = self
             .client
             .post(url)
+            .timeout(s.timeout)
             .headers(headers)
             .body(body)
             .send()
@@ -336,12 +402,13 @@ impl Upstream {
 
     async fn dead_letter(
         &self,
+        s: &Settings,
         batch_id: &str,
         status: StatusCode,
         response: &str,
         records: &[Bytes],
     ) {
-        let dir = self.settings.dead_letter_dir.clone();
+        let dir = s.dead_letter_dir.clone();
         let mut doc = Vec::new();
         doc.extend_from_slice(b"{\"batch_id\":");
         doc.extend_from_slice(&serde_json::to_vec(batch_id).unwrap_or_default());
@@ -363,11 +430,7 @@ impl Upstream {
             match write_atomic(&dir, &name, &doc) {
                 Ok(()) => return,
                 Err(e) => {
-                    let delay = backoff(
-                        attempt,
-                        self.settings.retry_initial,
-                        self.settings.retry_max,
-                    );
+                    let delay = backoff(attempt, s.retry_initial, s.retry_max);
                     tracing::error!(batch_id, dir = %dir.display(), error = %e, "cannot write dead-letter file; retrying");
                     attempt += 1;
                     tokio::time::sleep(delay).await;

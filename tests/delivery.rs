@@ -64,7 +64,13 @@ fn upstream_503_n_times_then_200_delivers_once_with_same_ids_and_key() {
     );
     let (_, text) = d.get("/metrics");
     assert_eq!(metric(&text, "voicetagd_upstream_retries_total"), Some(4.0));
-    assert_eq!(metric(&text, "voicetagd_events_delivered_total"), Some(3.0));
+    assert_eq!(
+        metric(
+            &text,
+            "voicetagd_events_delivered_total{source=\"api\",kind=\"usage\"}"
+        ),
+        Some(3.0)
+    );
     assert_eq!(
         metric(&text, "voicetagd_upstream_requests_total{status=\"503\"}"),
         Some(1.0)
@@ -132,7 +138,10 @@ fn upstream_400_and_501_go_to_dead_letter_and_delivery_goes_on() {
     assert_eq!(tokens, vec![0, 1]);
     let (_, text) = d.get("/metrics");
     assert_eq!(
-        metric(&text, "voicetagd_events_dead_lettered_total"),
+        metric(
+            &text,
+            "voicetagd_events_dead_lettered_total{source=\"api\",kind=\"usage\"}"
+        ),
         Some(2.0)
     );
     assert_eq!(metric(&text, "voicetagd_upstream_retries_total"), None);

@@ -96,8 +96,8 @@ pub struct Livekit {
     pipeline: Arc<Pipeline>,
     usage_source: UsageSource,
     forward_telemetry: bool,
-    api_key: Option<String>,
-    api_secret: Option<String>,
+    /// `(api_key, api_secret)` for webhooks; replaced by a reload.
+    webhook_keys: crate::reload::Live<(Option<String>, Option<String>)>,
     max_message: usize,
     /// Per-session state behind an async mutex: held across the durable write on purpose, so
     /// two connections cannot interleave frames of one session.
@@ -127,11 +127,15 @@ impl Livekit {
             pipeline,
             usage_source: cfg.usage_source,
             forward_telemetry: cfg.forward_telemetry,
-            api_key: cfg.api_key.clone(),
-            api_secret,
+            webhook_keys: crate::reload::Live::new((cfg.api_key.clone(), api_secret)),
             max_message,
             sessions: DashMap::new(),
         }
+    }
+
+    /// Replaces the webhook key and secret (config reload).
+    pub fn reload(&self, api_key: Option<String>, api_secret: Option<String>) {
+        self.webhook_keys.set((api_key, api_secret));
     }
 
     /// Restores LiveKit session state saved before a restart.
@@ -980,7 +984,8 @@ async fn webhook(
         Ok(b) => b,
         Err(r) => return IngestError::from(r).into_response(),
     };
-    let (Some(key), Some(secret)) = (lk.api_key.as_deref(), lk.api_secret.as_deref()) else {
+    let keys = lk.webhook_keys.get();
+    let (Some(key), Some(secret)) = (keys.0.as_deref(), keys.1.as_deref()) else {
         return IngestError::Unauthorized(WebhookError::NotConfigured.to_string()).into_response();
     };
     let auth = headers

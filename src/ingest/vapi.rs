@@ -167,8 +167,8 @@ impl Settings {
 pub struct VapiState {
     /// Stamping and queueing.
     pub pipeline: Arc<Pipeline>,
-    /// Authentication, defaults, forwarding.
-    pub settings: Arc<Settings>,
+    /// Authentication, defaults, forwarding; replaced by a reload.
+    pub settings: Arc<crate::reload::Live<Settings>>,
     /// Serializes the handling of one call's reports, so that two concurrent deliveries of
     /// the same report cannot both pass the duplicate check.
     locks: Arc<CallLocks>,
@@ -176,7 +176,7 @@ pub struct VapiState {
 
 impl VapiState {
     /// The state for the given pipeline and settings.
-    pub fn new(pipeline: Arc<Pipeline>, settings: Arc<Settings>) -> Self {
+    pub fn new(pipeline: Arc<Pipeline>, settings: Arc<crate::reload::Live<Settings>>) -> Self {
         VapiState {
             pipeline,
             settings,
@@ -208,7 +208,9 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
     let body = body?;
-    if let Err(why) = st.settings.auth.check(headers, &body, SystemTime::now()) {
+    // One settings snapshot per request, so a reload in the middle changes nothing half-way.
+    let settings = st.settings.get();
+    if let Err(why) = settings.auth.check(headers, &body, SystemTime::now()) {
         tracing::warn!(reason = %why, "vapi webhook refused");
         st.pipeline
             .metrics()
@@ -240,7 +242,7 @@ async fn handle(
         "end-of-call-report" => report(st, msg, headers).await?,
         _ => tracing::debug!(r#type = ty, "vapi message makes no event"),
     }
-    match &st.settings.forward {
+    match &settings.forward {
         Some(f) => f.send(headers, body).await,
         None => Ok((StatusCode::OK, Json(json!({}))).into_response()),
     }
@@ -344,14 +346,14 @@ async fn start(st: &VapiState, id: &str, ids: &CallIds) -> Result<(), IngestErro
     let metrics = st.pipeline.metrics();
     let agent = ids.agent_id.clone().unwrap_or_else(|| {
         metrics.inc("voicetagd_vapi_default_ids_total", &[("field", "agent_id")]);
-        st.settings.default_agent_id.clone()
+        st.settings.get().default_agent_id.clone()
     });
     let customer = ids.customer_id.clone().unwrap_or_else(|| {
         metrics.inc(
             "voicetagd_vapi_default_ids_total",
             &[("field", "customer_id")],
         );
-        st.settings.default_customer_id.clone()
+        st.settings.get().default_customer_id.clone()
     });
     let s = Start {
         agent_id: Some(agent),

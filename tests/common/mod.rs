@@ -244,11 +244,17 @@ format = "json"
 impl Daemon {
     /// Starts the daemon on the given config text and waits until it listens.
     pub fn start(dir: tempfile::TempDir, config_text: &str) -> Daemon {
+        Self::start_env(dir, config_text, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_env(dir: tempfile::TempDir, config_text: &str, env: &[(&str, &str)]) -> Daemon {
         let config_path = dir.path().join("voicetagd.toml");
         std::fs::write(&config_path, config_text).unwrap();
         let mut child = Command::new(bin())
             .args(["run", "--config"])
             .arg(&config_path)
+            .envs(env.iter().copied())
             .env("VOICETAGD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
