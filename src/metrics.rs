@@ -49,6 +49,10 @@ pub const HELP: &[(&str, &str)] = &[
         "Events accepted from sources, by source and kind.",
     ),
     (
+        "voicetagd_events_stamped_total",
+        "Events stamped and queued for delivery, by source and kind (an event waiting for its session counts once stamped).",
+    ),
+    (
         "voicetagd_events_delivered_total",
         "Events delivered upstream with a 2xx answer.",
     ),

@@ -180,7 +180,7 @@ impl Pipeline {
         self.observer.accepted(events, records);
         for e in events {
             self.metrics.inc(
-                "voicetagd_events_received_total",
+                "voicetagd_events_stamped_total",
                 &[("source", e.source.as_str()), ("kind", e.kind.as_str())],
             );
         }

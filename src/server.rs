@@ -165,6 +165,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
             depth.bytes as f64,
         ),
         (
+            "voicetagd_spool_oldest_age_seconds",
+            "Age of the oldest undelivered event (to within a second).",
+            p.spool().oldest_age().as_secs_f64(),
+        ),
+        (
+            "voicetagd_spool_corrupt_read",
+            "Damaged spool records skipped while reading, since start.",
+            p.spool().corrupt_read() as f64,
+        ),
+        (
             "voicetagd_parked_events",
             "Events waiting for their session to start.",
             p.parked_count() as f64,

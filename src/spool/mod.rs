@@ -208,6 +208,9 @@ struct State {
     head_dirty: bool,
 
     refused: bool,
+    /// `(first seq, when)` of appends, at most one entry per second: the age of the oldest
+    /// undelivered record, to within a second, without a timestamp per record.
+    arrivals: VecDeque<(u64, Instant)>,
     closed: bool,
     stop: bool,
     /// Test hook: the writer exits at once, as if the process were killed.
@@ -434,6 +437,11 @@ impl Spool {
                 unacked: rec.events,
                 head_dirty: false,
                 refused: false,
+                arrivals: if rec.events > 0 {
+                    VecDeque::from([(head, Instant::now())])
+                } else {
+                    VecDeque::new()
+                },
                 closed: false,
                 stop: false,
                 crashed: false,
@@ -502,6 +510,21 @@ impl Spool {
             }
             st.used += add;
             st.unacked += records.len() as u64;
+            if !records.is_empty() {
+                let now = Instant::now();
+                let first = st.next_seq;
+                if st.unacked == records.len() as u64 {
+                    // Nothing was waiting: older entries describe delivered records.
+                    st.arrivals.clear();
+                }
+                if st
+                    .arrivals
+                    .back()
+                    .is_none_or(|(_, t)| now.duration_since(*t) >= Duration::from_secs(1))
+                {
+                    st.arrivals.push_back((first, now));
+                }
+            }
             for r in &records {
                 let seq = st.next_seq;
                 st.next_seq += 1;
@@ -539,6 +562,18 @@ impl Spool {
             events: st.unacked,
             bytes: st.used,
         }
+    }
+
+    /// Age of the oldest undelivered record (to within a second; zero when none).
+    pub fn oldest_age(&self) -> Duration {
+        let st = self.shared.lock();
+        if st.unacked == 0 {
+            return Duration::ZERO;
+        }
+        st.arrivals
+            .front()
+            .map(|(_, t)| t.elapsed())
+            .unwrap_or(Duration::ZERO)
     }
 
     /// Damaged records the reader skipped since start (recovery's count is in [`Recovery`]).
@@ -671,6 +706,9 @@ impl Spool {
                     break;
                 };
                 st.head = a.seqs.end;
+                while st.arrivals.len() >= 2 && st.arrivals[1].0 <= st.head {
+                    st.arrivals.pop_front();
+                }
                 st.used = st.used.saturating_sub(a.frame_bytes);
                 st.unacked = st.unacked.saturating_sub(a.count);
                 st.refused = false;

@@ -547,3 +547,23 @@ async fn state_written_with_events_survives_a_crash_between_the_two_fsyncs() {
     let scan = frame::scan(&std::fs::read(&log).unwrap());
     assert_eq!(scan.frames.len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn oldest_age_follows_the_oldest_undelivered_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = open(dir.path(), 1 << 20);
+    assert_eq!(s.oldest_age(), Duration::ZERO);
+    s.append(vec![rec("a")]).await.unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    s.append(vec![rec("b")]).await.unwrap();
+    assert!(s.oldest_age() >= Duration::from_secs(10));
+    let b = s.next_batch(limits(1)).await.unwrap();
+    s.commit(&b.ack);
+    assert!(
+        s.oldest_age() < Duration::from_secs(1),
+        "the oldest left is b"
+    );
+    let b = s.next_batch(limits(1)).await.unwrap();
+    s.commit(&b.ack);
+    assert_eq!(s.oldest_age(), Duration::ZERO);
+}
