@@ -235,6 +235,23 @@ impl Pipeline {
         events: Vec<Event>,
         extra: Vec<StateOp>,
     ) -> Result<(), AcceptError> {
+        let counts: Vec<(Source, crate::event::Kind)> =
+            events.iter().map(|e| (e.source, e.kind)).collect();
+        self.accept_inner(events, extra).await?;
+        for (source, kind) in counts {
+            self.metrics.inc(
+                "voicetagd_events_received_total",
+                &[("source", source.as_str()), ("kind", kind.as_str())],
+            );
+        }
+        Ok(())
+    }
+
+    async fn accept_inner(
+        &self,
+        events: Vec<Event>,
+        extra: Vec<StateOp>,
+    ) -> Result<(), AcceptError> {
         let mut ready = Vec::with_capacity(events.len());
         let mut waiting = Vec::new();
         for e in events {
