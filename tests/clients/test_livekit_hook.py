@@ -22,18 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import aiohttp
 import pytest
@@ -57,168 +51,35 @@ from livekit.agents.voice.events import (
     SessionUsageUpdatedEvent,
 )
 
+from harness import STATIC, WAIT, Daemon, of_session, rfc3339, uid, wait_events
 from upstream import Upstream
 from voicetagd import VoicetagdHook
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("VOICETAGD_BIN", REPO / "target" / "debug" / "voicetagd"))
-WAIT = 30.0  # seconds: the bound for anything to happen
-STATIC = {"host": "ci-host"}
 SESSION_TAGS = {"env": "staging", "feature": "ivr"}
 BILLABLE = ("stt", "llm", "tts", "sts")
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rfc3339(value: Any) -> datetime:
-    assert isinstance(value, str) and value, f"not a timestamp: {value!r}"
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 # --------------------------------------------------------------------------------------------
-# The daemon under test (restartable: same port, same spool dir)
+# The daemon under test (restartable: same port, same spool dir; fixtures ``upstream`` and
+# ``daemon``: conftest.py)
 # --------------------------------------------------------------------------------------------
 
 
-class Daemon:
-    def __init__(self, tmp: Path, upstream: Upstream, extra: str = "") -> None:
-        self.tmp = tmp
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/v1/livekit"
-        self.log_path = tmp / "voicetagd.log"
-        self.config = tmp / "voicetagd.toml"
-        self.config.write_text(
-            f"""\
-[server]
-listen = "127.0.0.1:{self.port}"
-{extra}
-[sessions]
-unknown_session_wait = "2s"
-[tags]
-static = {{ host = "ci-host" }}
-[spool]
-dir = "{tmp / 'spool'}"
-[upstream]
-url = "{upstream.url}"
-api_key = "up-key"
-batch_max_events = 50
-batch_timeout = "200ms"
-compression = "gzip"
-retry_initial = "100ms"
-retry_max = "1s"
-[livekit]
-usage_source = "auto"
-"""
-        )
-        assert BIN.exists(), f"{BIN} missing: run `cargo build` first (run.sh does)"
-        self.proc: Optional[subprocess.Popen] = None
-        self._log = None
-        self.starts = 0
-
-    def start(self) -> "Daemon":
-        env = dict(os.environ, VOICETAGD_LOG=os.environ.get("VOICETAGD_LOG", "info"), NO_COLOR="1")
-        self._log = open(self.log_path, "ab")
-        self._log.write(f"\n===== start #{self.starts + 1} =====\n".encode())
-        self._log.flush()
-        self.proc = subprocess.Popen(
-            [str(BIN), "run", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.starts += 1
-        self.wait_ready()
-        return self
-
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float = WAIT) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"voicetagd exited with {self.proc.returncode} before ready:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.base_url + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"voicetagd not ready after {timeout}s:\n{self.log_tail()}")
-
-    def sigkill(self) -> None:
-        """kill -9: no drain, no flush; whatever was acked must be in the spool."""
-        assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=WAIT)
-        self._close_log()
-
-    def terminate(self) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=WAIT)
-        finally:
-            self._close_log()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log is not None and not self._log.closed:
-            self._log.close()
+def livekit_daemon(tmp: Path, upstream: Upstream, server_extra: str = "") -> Daemon:
+    """A daemon (not started) with this module's config; ``server_extra`` goes into [server]."""
+    return Daemon(
+        tmp,
+        upstream,
+        server_extra=server_extra,
+        upstream_extra='api_key = "up-key"\ncompression = "gzip"\nretry_initial = "100ms"\nretry_max = "1s"',
+        sections='[sessions]\nunknown_session_wait = "2s"\n[livekit]\nusage_source = "auto"',
+        log_lines=60,
+    )
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = Upstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("voicetagd-lk"), upstream)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.kill()
-
-
-def wait_events(
-    upstream: Upstream, daemon: Daemon, pred: Callable[[Dict[str, Any]], bool], count: int = 1, what: str = ""
-) -> List[Dict[str, Any]]:
-    try:
-        return upstream.wait_for(pred, count=count, timeout=WAIT, what=what)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- voicetagd log ---\n{daemon.log_tail()}") from None
-
-
-def of_session(sid: str) -> Callable[[Dict[str, Any]], bool]:
-    return lambda e: e.get("session_id") == sid
+def make_daemon() -> Callable[..., Daemon]:
+    return livekit_daemon
 
 
 def dedup_with_conflicts(
@@ -596,7 +457,7 @@ def test_raw_protocol_acks_reacks_and_errors(daemon: Daemon):
 
 
 def test_token_is_required_on_the_upgrade_when_configured(tmp_path: Path, upstream: Upstream):
-    d = Daemon(tmp_path, upstream, extra='token = "lk-s3cret"').start()
+    d = livekit_daemon(tmp_path, upstream, server_extra='token = "lk-s3cret"').start()
     try:
         sid = uid("sess")
 
@@ -625,7 +486,7 @@ def test_token_is_required_on_the_upgrade_when_configured(tmp_path: Path, upstre
 
 @pytest.mark.parametrize("metrics", [False, True], ids=["snapshots", "metrics+snapshots"])
 def test_sigkill_mid_stream_and_restart_totals_are_exact(tmp_path: Path, upstream: Upstream, metrics: bool):
-    d = Daemon(tmp_path, upstream).start()
+    d = livekit_daemon(tmp_path, upstream).start()
     sid, agent, customer = uid("sess"), uid("agent"), uid("cust")
     turns = 45  # each turn: STT, LLM, TTS (+ VAD every third), each a metric + a snapshot
     kill_at, restart_at = 15, 30

@@ -16,18 +16,9 @@ Run with ``bash tests/clients/run.sh``. ``VOICETAGD_BIN`` overrides the binary p
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
-import uuid
-from datetime import datetime
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
@@ -44,124 +35,24 @@ from paygent_sdk import (
     StsOutputSide,
 )
 
+from harness import STATIC, Daemon, of_session, rfc3339, uid
 from upstream import Upstream
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("VOICETAGD_BIN", REPO / "target" / "debug" / "voicetagd"))
-WAIT = 30.0  # seconds: the overall bound for any event to reach the upstream
-STATIC = {"host": "ci-host"}
 SESSION_TAGS = {"env": "staging", "feature": "ivr"}
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rfc3339(value: Any) -> datetime:
-    assert isinstance(value, str) and value, f"not a timestamp: {value!r}"
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 # --------------------------------------------------------------------------------------------
-# The daemon under test
+# The daemon under test (fixtures ``upstream``, ``daemon``, ``wait_events``: conftest.py)
 # --------------------------------------------------------------------------------------------
 
 
-class Daemon:
-    def __init__(self, tmp: Path, upstream: Upstream) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "voicetagd.log"
-        self.config = tmp / "voicetagd.toml"
-        self.config.write_text(
-            f"""\
-[server]
-listen = "127.0.0.1:{self.port}"
-[sessions]
-unknown_session_wait = "2s"
-[tags]
-static = {{ host = "ci-host" }}
-[spool]
-dir = "{tmp / 'spool'}"
-[upstream]
-url = "{upstream.url}"
-api_key = "up-key"
-batch_max_events = 50
-batch_timeout = "200ms"
-compression = "gzip"
-"""
-        )
-        assert BIN.exists(), f"{BIN} missing: run `cargo build` first (run.sh does)"
-        env = dict(os.environ, VOICETAGD_LOG=os.environ.get("VOICETAGD_LOG", "info"), NO_COLOR="1")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(BIN), "run", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"voicetagd exited with {self.proc.returncode} before ready:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.base_url + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"voicetagd not ready after {timeout}s:\n{self.log_tail()}")
-
-    def terminate(self, timeout: float = WAIT) -> int:
-        """SIGTERM, then wait (bounded) for the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        if not self._log.closed:
-            self._log.close()
-
-
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = Upstream().start()
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("voicetagd"), upstream)
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        d.kill()  # only if test_sigterm_exits_zero did not already stop it
+def make_daemon() -> Callable[..., Daemon]:
+    return functools.partial(
+        Daemon,
+        upstream_extra='api_key = "up-key"\ncompression = "gzip"',
+        sections='[sessions]\nunknown_session_wait = "2s"',
+    )
 
 
 @pytest.fixture(scope="module")
@@ -169,23 +60,6 @@ def client(daemon: Daemon) -> Client:
     c = Client("sdk-key")
     c.base_url = daemon.base_url
     return c
-
-
-@pytest.fixture(scope="module")
-def wait_events(upstream: Upstream, daemon: Daemon) -> Callable[..., List[Dict[str, Any]]]:
-    """wait_events(pred, count=1, what=...) -> the matching events (bounded by WAIT)."""
-
-    def wait(pred: Callable[[Dict[str, Any]], bool], count: int = 1, what: str = ""):
-        try:
-            return upstream.wait_for(pred, count=count, timeout=WAIT, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- voicetagd log ---\n{daemon.log_tail()}") from None
-
-    return wait
-
-
-def of_session(sid: str) -> Callable[[Dict[str, Any]], bool]:
-    return lambda e: e.get("session_id") == sid
 
 
 def one(events: List[Dict[str, Any]], kind: str) -> Dict[str, Any]:

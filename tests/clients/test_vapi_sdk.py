@@ -16,105 +16,40 @@ Run with ``bash tests/clients/run.sh``. ``VOICETAGD_BIN`` overrides the binary p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
-import os
 import random
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
 import vapi.types as vt
 
-from upstream import Upstream
+from harness import STATIC, WAIT, Daemon, of_session
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(os.environ.get("VOICETAGD_BIN", REPO / "target" / "debug" / "voicetagd"))
-WAIT = 30.0  # seconds: the overall bound for any event to reach the upstream
 HMAC_KEY = "vapi-hmac-" + uuid.uuid4().hex
 # The daemon's namespace for derived event ids (src/event.rs, derived_id).
 ID_NAMESPACE = uuid.UUID("6f0c1f4e-8b1d-4c5e-9a3b-7d2e5f60a1b2")
-STATIC = {"host": "ci-host"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def derived_id(call_id: str, suffix: Any) -> str:
     return str(uuid.uuid5(ID_NAMESPACE, f"{call_id}/end-of-call-report/{suffix}"))
 
 
-class Daemon:
-    def __init__(self, tmp: Path, upstream: Upstream) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "voicetagd.log"
-        config = tmp / "voicetagd.toml"
-        config.write_text(
-            f"""\
-[server]
-listen = "127.0.0.1:{self.port}"
-[tags]
-static = {{ host = "ci-host" }}
-[spool]
-dir = "{tmp / 'spool'}"
-[upstream]
-url = "{upstream.url}"
-batch_max_events = 50
-batch_timeout = "200ms"
-[vapi]
-default_customer_id = "walk-in"
-[vapi.hmac]
-secret = "{HMAC_KEY}"
-"""
-        )
-        assert BIN.exists(), f"{BIN} missing: run `cargo build` first (run.sh does)"
-        env = dict(os.environ, VOICETAGD_LOG=os.environ.get("VOICETAGD_LOG", "info"), NO_COLOR="1")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(BIN), "run", "--config", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+# --------------------------------------------------------------------------------------------
+# The daemon under test (fixtures ``upstream``, ``daemon``, ``wait_events``: conftest.py)
+# --------------------------------------------------------------------------------------------
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"voicetagd exited early:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"voicetagd not ready after {WAIT}s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._log.close()
+class VapiDaemon(Daemon):
+    """The shared daemon, plus the webhook and the metrics endpoint."""
 
     def post(self, body: bytes, headers: Dict[str, str]) -> Tuple[int, Any]:
         req = urllib.request.Request(
@@ -139,33 +74,17 @@ secret = "{HMAC_KEY}"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = Upstream().start()
-    yield up
-    up.stop()
+def make_daemon() -> Callable[..., Daemon]:
+    return functools.partial(
+        VapiDaemon,
+        sections=f'[vapi]\ndefault_customer_id = "walk-in"\n[vapi.hmac]\nsecret = "{HMAC_KEY}"',
+    )
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("voicetagd-vapi"), upstream)
-    try:
-        d.wait_ready()
-        yield d
-    finally:
-        d.kill()
-
-
-@pytest.fixture(scope="module")
-def wait_events(upstream: Upstream, daemon: Daemon) -> Callable[..., List[Dict[str, Any]]]:
-    def wait(call_id: str, count: int) -> List[Dict[str, Any]]:
-        try:
-            return upstream.wait_for(
-                lambda e: e.get("session_id") == call_id, count=count, timeout=WAIT, what=call_id
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- voicetagd log ---\n{daemon.log_tail()}") from None
-
-    return wait
+def wait_events(wait_events) -> Callable[[str, int], List[Dict[str, Any]]]:
+    """Here by call id: wait_events(call_id, count) -> the call's events (bounded by WAIT)."""
+    return lambda call_id, count: wait_events(of_session(call_id), count=count, what=call_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +187,7 @@ def test_sdk_version_is_the_pinned_one():
     assert version("vapi-server-sdk") == "3.0.0"
 
 
-def test_status_update_then_pipeline_report(daemon: Daemon, wait_events):
+def test_status_update_then_pipeline_report(daemon: VapiDaemon, wait_events):
     agent, customer = f"agent-{uuid.uuid4().hex[:8]}", f"cust-{uuid.uuid4().hex[:8]}"
     tags = {"env": "staging", "feature": "ivr", "run": uuid.uuid4().hex[:10]}
     started = datetime.now(timezone.utc) - timedelta(seconds=random.randint(30, 600))
@@ -390,7 +309,7 @@ def test_status_update_then_pipeline_report(daemon: Daemon, wait_events):
     assert len(wait_events(call.id, len(costs) + 1)) == len(costs) + 1
 
 
-def test_live_model_report_without_status_update(daemon: Daemon, wait_events):
+def test_live_model_report_without_status_update(daemon: VapiDaemon, wait_events):
     tags = {"env": "prod", "channel": "web"}
     agent = f"agent-{uuid.uuid4().hex[:8]}"
     meta = {"paygent_agent_id": agent, "paygent_meta_tags": json.dumps(tags)}
@@ -431,7 +350,7 @@ def test_live_model_report_without_status_update(daemon: Daemon, wait_events):
         assert e["meta_tags"] == dict(tags, **STATIC)
 
 
-def test_other_messages_are_answered_and_counted(daemon: Daemon):
+def test_other_messages_are_answered_and_counted(daemon: VapiDaemon):
     before = daemon.metric('voicetagd_vapi_messages_total{type="transcript"}')
     msg = vt.ServerMessageTranscript(
         type="transcript", role="user", transcript_type="final", transcript="Hi there."
@@ -441,7 +360,7 @@ def test_other_messages_are_answered_and_counted(daemon: Daemon):
     assert daemon.metric('voicetagd_vapi_messages_total{type="transcript"}') == before + 1
 
 
-def test_bad_signatures_are_refused(daemon: Daemon):
+def test_bad_signatures_are_refused(daemon: VapiDaemon):
     msg = vt.ServerMessageHang(type="hang")
     body = serialize(msg, vt.ServerMessageHang)
     good = sign(body)
