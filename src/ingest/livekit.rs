@@ -89,6 +89,9 @@ pub struct LkSession {
     /// Unix seconds of its end, once ended.
     #[serde(default)]
     pub ended_unix: Option<f64>,
+    /// Unix seconds of its last frame.
+    #[serde(default)]
+    pub touched_unix: Option<f64>,
 }
 
 /// The LiveKit source.
@@ -170,7 +173,7 @@ impl Livekit {
         Arc::clone(self.sessions.entry(sid.to_string()).or_default().value())
     }
 
-    /// Forgets the state of sessions ended more than [`ENDED_KEEP`] ago; runs until shutdown.
+    /// Forgets old LiveKit session state once a minute; runs until shutdown.
     pub async fn run_sweep(self: Arc<Self>, mut shutdown: tokio::sync::broadcast::Receiver<()>) {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -178,35 +181,46 @@ impl Livekit {
                 _ = tick.tick() => {}
                 _ = shutdown.recv() => return,
             }
-            let now = Timestamp::now().unix_f64();
-            let old: Vec<String> = self
-                .sessions
-                .iter()
-                .filter_map(|e| {
-                    let s = e.value().try_lock().ok()?;
-                    s.ended_unix
-                        .filter(|t| now - t > ENDED_KEEP.as_secs_f64())
-                        .map(|_| e.key().clone())
-                })
-                .collect();
-            if old.is_empty() {
-                continue;
-            }
-            let ops = old
-                .iter()
-                .map(|sid| StateOp::Delete(format!("{STATE_PREFIX}{sid}")))
-                .collect();
-            if self
-                .pipeline
-                .accept_with_state(Vec::new(), ops)
-                .await
-                .is_ok()
-            {
-                for sid in old {
-                    self.sessions.remove(&sid);
-                }
-            }
+            self.sweep(Timestamp::now().unix_f64()).await;
         }
+    }
+
+    /// Forgets (durably) the state of sessions ended more than [`ENDED_KEEP`] ago, and of
+    /// sessions that never ended (the agent died without `close`) once the registry forgot
+    /// them and no frame came for as long. Returns how many were forgotten.
+    pub async fn sweep(&self, now: f64) -> usize {
+        let keep = ENDED_KEEP.as_secs_f64();
+        let old: Vec<String> = self
+            .sessions
+            .iter()
+            .filter_map(|e| {
+                // A session busy with a frame is not old.
+                let s = e.value().try_lock().ok()?;
+                let ended_long_ago = s.ended_unix.is_some_and(|t| now - t > keep);
+                let abandoned = !self.pipeline.sessions().contains(e.key())
+                    && s.touched_unix.is_none_or(|t| now - t > keep);
+                (ended_long_ago || abandoned).then(|| e.key().clone())
+            })
+            .collect();
+        if old.is_empty() {
+            return 0;
+        }
+        let ops = old
+            .iter()
+            .map(|sid| StateOp::Delete(format!("{STATE_PREFIX}{sid}")))
+            .collect();
+        if self
+            .pipeline
+            .accept_with_state(Vec::new(), ops)
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        for sid in &old {
+            self.sessions.remove(sid);
+        }
+        old.len()
     }
 
     async fn serve(self: Arc<Self>, mut socket: WebSocket) {
@@ -300,6 +314,7 @@ impl Livekit {
             return Ok(Outcome::Ack(sid, st.last_seq));
         }
         let mut next = st.clone();
+        next.touched_unix = Some(Timestamp::now().unix_f64());
         if let Some(n) = seq {
             next.last_seq = n;
         }
@@ -1155,5 +1170,77 @@ mod tests {
             map_metric(&json!({"type": "brand_new_metrics"}), &mut ids),
             Mapped::Telemetry
         ));
+    }
+
+    #[tokio::test]
+    async fn sweep_forgets_ended_and_abandoned_sessions_only() {
+        use crate::metrics::Metrics;
+        use crate::sessions::Registry;
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(Registry::new(
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ));
+        let (spool, _) =
+            crate::spool::Spool::open(dir.path(), 1 << 20, crate::config::FsyncPolicy::Never)
+                .unwrap();
+        let p = Arc::new(Pipeline::new(
+            Arc::clone(&reg),
+            Arc::new(spool),
+            Arc::new(Metrics::new()),
+            tags::Tags::new(),
+            Duration::from_secs(1),
+        ));
+        let lk = Livekit::new(
+            Arc::clone(&p),
+            &crate::config::LivekitConfig::default(),
+            None,
+            1 << 20,
+        );
+        let now = 1_000_000.0;
+        let old = now - ENDED_KEEP.as_secs_f64() - 1.0;
+        let put = |sid: &str, s: LkSession| {
+            lk.sessions
+                .insert(sid.to_string(), Arc::new(tokio::sync::Mutex::new(s)));
+        };
+        put(
+            "ended-long-ago",
+            LkSession {
+                ended_unix: Some(old),
+                touched_unix: Some(old),
+                ..Default::default()
+            },
+        );
+        put(
+            "ended-recently",
+            LkSession {
+                ended_unix: Some(now - 5.0),
+                touched_unix: Some(now - 5.0),
+                ..Default::default()
+            },
+        );
+        put(
+            "abandoned",
+            LkSession {
+                touched_unix: Some(old),
+                ..Default::default()
+            },
+        );
+        put(
+            "quiet-but-active",
+            LkSession {
+                touched_unix: Some(old),
+                ..Default::default()
+            },
+        );
+        reg.start(
+            "quiet-but-active",
+            crate::sessions::Start::default(),
+            Source::Livekit,
+        );
+        assert_eq!(lk.sweep(now).await, 2);
+        let mut left: Vec<String> = lk.sessions.iter().map(|e| e.key().clone()).collect();
+        left.sort();
+        assert_eq!(left, vec!["ended-recently", "quiet-but-active"]);
     }
 }
