@@ -64,6 +64,7 @@ pub struct AppState {
 
 /// Builds the router.
 pub fn router(state: AppState, livekit: Arc<Livekit>, max_body_bytes: usize) -> Router {
+    let state_for_count = Arc::clone(&state.pipeline);
     let ingest = Ingest {
         pipeline: Arc::clone(&state.pipeline),
     };
@@ -89,7 +90,33 @@ pub fn router(state: AppState, livekit: Arc<Livekit>, max_body_bytes: usize) -> 
         .merge(livekit_webhook)
         .merge(webhooks)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state_for_count),
+            count_rejections,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// Counts requests the daemon refused, by reason, for `voicetagd_ingest_rejected_total`.
+async fn count_rejections(State(p): State<Arc<Pipeline>>, req: Request, next: Next) -> Response {
+    // Probes answer 503 by design while starting or draining; they are not refused ingest.
+    if matches!(req.uri().path(), "/readyz" | "/healthz" | "/metrics") {
+        return next.run(req).await;
+    }
+    let resp = next.run(req).await;
+    let reason = match resp.status() {
+        StatusCode::BAD_REQUEST => Some("bad_request"),
+        StatusCode::UNAUTHORIZED => Some("unauthorized"),
+        StatusCode::PAYLOAD_TOO_LARGE => Some("too_large"),
+        StatusCode::SERVICE_UNAVAILABLE => Some("unavailable"),
+        StatusCode::NOT_FOUND => Some("not_found"),
+        _ => None,
+    };
+    if let Some(r) = reason {
+        p.metrics()
+            .inc("voicetagd_ingest_rejected_total", &[("reason", r)]);
+    }
+    resp
 }
 
 /// Compares in constant time, so the token cannot be guessed byte by byte from timings.

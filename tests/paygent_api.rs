@@ -362,6 +362,21 @@ fn malformed_bodies_get_400_naming_the_problem() {
     assert_eq!(status, 404);
     assert!(resp["error"].as_str().unwrap().contains("/api/v1/nope"));
     assert!(up.delivered().is_empty());
+    let (_, text) = d.get("/metrics");
+    assert_eq!(
+        metric(
+            &text,
+            "voicetagd_ingest_rejected_total{reason=\"bad_request\"}"
+        ),
+        Some(rows.len() as f64)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "voicetagd_ingest_rejected_total{reason=\"not_found\"}"
+        ),
+        Some(1.0)
+    );
 }
 
 #[test]
