@@ -62,6 +62,12 @@ impl Totals {
             Kind::Tts => self.characters += n(&e.usage, "characters") as u64,
             Kind::Sts => self.tokens += sts_tokens(&e.usage),
             Kind::Indicator => self.session_minutes += n(&e.usage, "total_duration_minutes"),
+            // A V2 raw usage record, in the SDK's own field names (audioDuration in minutes).
+            Kind::Usage => {
+                self.tokens += (n(&e.usage, "inputTokens") + n(&e.usage, "outputTokens")) as u64;
+                self.characters += n(&e.usage, "characterCount") as u64;
+                self.stt_minutes += n(&e.usage, "audioDuration");
+            }
             _ => {}
         }
         self.cost_usd += e.cost_usd.unwrap_or(0.0);
@@ -208,6 +214,13 @@ mod tests {
                 json!({"characters": 143}),
             ),
             ev(
+                Kind::Usage,
+                "a2",
+                "c1",
+                &[("env", "staging")],
+                json!({"inputTokens": 100, "outputTokens": 50}),
+            ),
+            ev(
                 Kind::Sts,
                 "a2",
                 "c1",
@@ -226,7 +239,7 @@ mod tests {
         assert_eq!(by_agent["a1"].stt_minutes, 1.5);
         assert_eq!(by_agent["a1"].tokens, 120);
         assert_eq!(by_agent["a1"].cost_usd, 0.25);
-        assert_eq!(by_agent["a2"].tokens, 15);
+        assert_eq!(by_agent["a2"].tokens, 165);
         assert_eq!(by_agent["a2"].characters, 143);
         let prod_by_customer = o.usage(&Filter::parse("env:prod"), true);
         assert_eq!(prod_by_customer.keys().collect::<Vec<_>>(), vec!["c1"]);
