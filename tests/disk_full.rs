@@ -35,14 +35,16 @@ fn disk_full_answers_503_and_recovers_after_delivery() {
     }
     let _mount = Mount(spool.clone());
     let up_addr = Upstream::free_addr();
-    let text = config(
-        dir.path(),
-        &format!("http://{up_addr}/v1/events:batch"),
-        "",
-        "batch_max_events = 50",
-        "",
-    )
-    .replace("[spool]\n", "[spool]\nmax_bytes = \"1GiB\"\n");
+    let text = common::with_spool_max(
+        &config(
+            dir.path(),
+            &format!("http://{up_addr}/v1/events:batch"),
+            "",
+            "batch_max_events = 50",
+            "",
+        ),
+        "1GiB",
+    );
     let d = Daemon::start(dir, &text);
     let pad = "p".repeat(2000);
     let body = |n: u64| json!({"agentId": "a", "customerId": "c", "rawUsage": {"provider": "p", "model": "m", "inputTokens": n, "pad": pad}});

@@ -543,16 +543,7 @@ fn full_spool_stops_acking_until_space_returns() {
     // The upstream refuses at first, so the small spool fills; frames are then neither read nor
     // acknowledged until delivery frees space, and every one of them arrives once.
     let up = Upstream::start(vec![common::Answer::retry_after(503, "1"); 3]);
-    let dir = tempfile::tempdir().unwrap();
-    let text = config(
-        dir.path(),
-        &up.url(),
-        "max_body_bytes = \"1KiB\"",
-        "batch_max_events = 2\nconcurrency = 1",
-        "",
-    )
-    .replace("[spool]\n", "[spool]\nmax_bytes = \"2KiB\"\n");
-    let d = Daemon::start(dir, &text);
+    let d = common::small_spool_daemon(&up);
     let mut ws = Ws::connect(&d);
     ws.frame(session_start("bp", 1));
     let stt = samples()[0].clone();

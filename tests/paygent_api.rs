@@ -423,16 +423,7 @@ fn token_is_required_when_configured() {
 fn full_queue_answers_503_with_retry_after_and_recovers() {
     // The upstream answers 503 (Retry-After: 1) at first, so events pile up in a small queue.
     let up = Upstream::start(vec![Answer::retry_after(503, "1"); 4]);
-    let dir = tempfile::tempdir().unwrap();
-    let text = config(
-        dir.path(),
-        &up.url(),
-        "max_body_bytes = \"1KiB\"",
-        "batch_max_events = 2\nconcurrency = 1",
-        "",
-    )
-    .replace("[spool]\n", "[spool]\nmax_bytes = \"2KiB\"\n");
-    let d = Daemon::start(dir, &text);
+    let d = common::small_spool_daemon(&up);
     let body = json!({"agentId": "a", "customerId": "c", "rawUsage": {"provider": "p", "model": "m", "inputTokens": 1}});
     let mut accepted = 0;
     let (status, headers, resp) = loop {

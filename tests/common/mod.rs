@@ -241,6 +241,25 @@ format = "json"
     )
 }
 
+/// Sets `[spool] max_bytes` in a config made by [`config`].
+pub fn with_spool_max(text: &str, max: &str) -> String {
+    text.replace("[spool]\n", &format!("[spool]\nmax_bytes = \"{max}\"\n"))
+}
+
+/// A daemon whose spool holds only 2 KiB (1 KiB bodies), one batch of two events in flight:
+/// it fills after a few events while the upstream refuses.
+pub fn small_spool_daemon(up: &Upstream) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(
+        dir.path(),
+        &up.url(),
+        "max_body_bytes = \"1KiB\"",
+        "batch_max_events = 2\nconcurrency = 1",
+        "",
+    );
+    Daemon::start(dir, &with_spool_max(&text, "2KiB"))
+}
+
 impl Daemon {
     /// Starts the daemon on the given config text and waits until it listens.
     pub fn start(dir: tempfile::TempDir, config_text: &str) -> Daemon {
