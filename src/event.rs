@@ -205,6 +205,16 @@ pub fn derived_id(name: &str) -> String {
     uuid::Uuid::new_v5(&NS, name.as_bytes()).to_string()
 }
 
+/// A count (tokens, characters) as a JSON integer when it is whole, else as a float: sources
+/// read numbers as `f64` (JSON gives no integer guarantee) but `812.0` tokens is written `812`.
+pub fn count(x: f64) -> serde_json::Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        serde_json::json!(x as i64)
+    } else {
+        serde_json::json!(x)
+    }
+}
+
 /// Rounds to 9 decimal places, so that unit conversions (minutes x 60) do not leak binary
 /// floating-point noise such as `6.000000000000001` into billing data.
 pub fn round9(x: f64) -> f64 {
@@ -238,6 +248,12 @@ mod tests {
     fn derived_ids_are_stable() {
         assert_eq!(derived_id("call-1/eocr/0"), derived_id("call-1/eocr/0"));
         assert_ne!(derived_id("call-1/eocr/0"), derived_id("call-1/eocr/1"));
+    }
+
+    #[test]
+    fn counts_are_integers_when_whole() {
+        assert_eq!(count(812.0), json!(812));
+        assert_eq!(count(1.5), json!(1.5));
     }
 
     #[test]

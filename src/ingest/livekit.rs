@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 
 use super::IngestError;
 use crate::config::UsageSource;
-use crate::event::{Event, Kind, Source, Timestamp, derived_id, new_id, round9};
+use crate::event::{Event, Kind, Source, Timestamp, count, derived_id, new_id, round9};
 use crate::pipeline::{AcceptError, Pipeline};
 use crate::sessions::Start;
 use crate::spool::{SpoolError, StateOp};
@@ -411,11 +411,6 @@ fn text(v: &Value, key: &str) -> Option<String> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_string)
-}
-
-/// A count as a JSON integer when whole.
-fn count(x: f64) -> Value {
-    crate::ingest::paygent::count(x)
 }
 
 /// Provider and model of a metrics object: `metadata` first, else the label as the model.

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use super::{Ingest, IngestError};
-use crate::event::{Event, Kind, Source, round9};
+use crate::event::{Event, Kind, Source, count, round9};
 use crate::sessions::Start;
 use crate::tags;
 
@@ -92,15 +92,6 @@ fn opt_amount(path: &str, field: &str, v: Option<f64>) -> Result<f64, IngestErro
     match v {
         None => Ok(0.0),
         some => amount(path, field, some),
-    }
-}
-
-/// A count as a JSON integer when it is whole (token counts), else as a float.
-pub fn count(x: f64) -> Value {
-    if x.fract() == 0.0 && x.abs() < 9.0e15 {
-        json!(x as i64)
-    } else {
-        json!(x)
     }
 }
 
@@ -511,15 +502,4 @@ async fn customer(State(ing): State<Ingest>, body: Result<Bytes, BytesRejection>
     e.meta_tags = own_tags(&ing, meta.as_ref(), None);
     ing.pipeline.accept(vec![e]).await?;
     Ok(Json(json!({ "id": ext, "externalId": ext, "name": name })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_are_integers_when_whole() {
-        assert_eq!(count(812.0), json!(812));
-        assert_eq!(count(1.5), json!(1.5));
-    }
 }

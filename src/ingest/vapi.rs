@@ -52,9 +52,8 @@ use dashmap::DashMap;
 use serde_json::{Map, Value, json};
 
 use super::IngestError;
-use super::paygent::count;
 use crate::config::Loaded;
-use crate::event::{Event, Kind, Source, Timestamp, derived_id, round9};
+use crate::event::{Event, Kind, Source, Timestamp, count, derived_id, round9};
 use crate::pipeline::Pipeline;
 use crate::sessions::{Start, State as SessionState};
 use crate::tags::{self, SkipReason, Skipped, Tags};
@@ -516,16 +515,9 @@ fn occurred_at(msg: &Map<String, Value>) -> Timestamp {
         .unwrap_or_else(Timestamp::now)
 }
 
-/// Epoch milliseconds (above 1e11) or seconds; counted in whole microseconds, so that
-/// `1773335188909` is exactly `...28.909000Z` and not a float rounding of it.
+/// Epoch milliseconds (above 1e11) or seconds.
 fn from_epoch(t: f64) -> Option<Timestamp> {
-    let micros = if t > 1.0e11 { t * 1e3 } else { t * 1e6 };
-    if !micros.is_finite() || !(0.0..=1.0e17).contains(&micros) {
-        return None;
-    }
-    Some(Timestamp(
-        std::time::UNIX_EPOCH + Duration::from_micros(micros.round() as u64),
-    ))
+    Timestamp::from_unix_f64(if t > 1.0e11 { t / 1e3 } else { t })
 }
 
 /// The call's length in minutes: `endedAt - startedAt` of the message, else of the call, else
