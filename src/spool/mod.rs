@@ -305,6 +305,10 @@ impl Spool {
         let mut cursor: Option<Cursor> = None;
         let last = names.len().saturating_sub(1);
         for (i, (first_seq, path)) in names.into_iter().enumerate() {
+            // A segment's name is the seq of the first record ever written to it, so that seq
+            // was used even if damage left nothing of it: never hand it out again, or a new
+            // segment would get the same file name as this one.
+            next_seq = next_seq.max(first_seq + 1);
             let data = std::fs::read(&path).map_err(|e| io_err("reading", &path, e))?;
             let scan = frame::scan(&data);
             rec.segments += 1;

@@ -567,3 +567,40 @@ async fn oldest_age_follows_the_oldest_undelivered_record() {
     s.commit(&b.ack);
     assert_eq!(s.oldest_age(), Duration::ZERO);
 }
+
+/// Regression (found by the model test): the last segment's only record was damaged, so
+/// recovery truncated it to nothing and handed its seq out again; the next segment got the
+/// same file name, and deleting the empty recovered segment deleted the new records too.
+#[tokio::test]
+async fn a_segment_emptied_by_damage_does_not_share_its_name_with_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (s, _) = open(dir.path(), 1 << 20);
+        s.append(vec![rec("first")]).await.unwrap();
+    }
+    {
+        let (s, _) = open(dir.path(), 1 << 20);
+        s.append(vec![rec("second")]).await.unwrap();
+    }
+    // Damage the second segment's only record (its magic): recovery truncates it to nothing.
+    let last = seg_files(dir.path()).pop().unwrap();
+    let mut data = std::fs::read(&last).unwrap();
+    data[0] ^= 1;
+    std::fs::write(&last, &data).unwrap();
+    {
+        let (s, r) = open(dir.path(), 1 << 20);
+        assert_eq!(r.events, 1);
+        s.append((0..4).map(|i| rec(&format!("new-{i}"))).collect())
+            .await
+            .unwrap();
+        let b = s.next_batch(limits(1)).await.unwrap();
+        assert_eq!(b.records, vec![rec("first")]);
+        s.commit(&b.ack);
+    }
+    let (s, r) = open(dir.path(), 1 << 20);
+    assert_eq!(r.events, 4);
+    assert_eq!(
+        drain(&s, true).await,
+        vec!["new-0", "new-1", "new-2", "new-3"]
+    );
+}
